@@ -128,12 +128,14 @@ class TrainConfig:
 # Schedule and spike detection
 
 
-def wsd_multiplier(step: int, total: int, warmup: int, decay_fraction: float, floor: float) -> float:
-    """Warmup-Stable-Decay: linear warmup, constant, cosine decay to `floor` over the last `decay_fraction`."""
-    from openk2.optim.schedule import wsd_lr_multiplier
+def wsd_schedule(cfg: "TrainConfig"):
+    """Warmup-Stable-Decay over the run: linear warmup, constant, cosine decay to lr_floor over the last part."""
+    from openk2.optim.schedule import WSDSchedule
 
-    return wsd_lr_multiplier(step, total_steps=total, warmup_steps=warmup,
-                             decay_steps=int(round(decay_fraction * total)), floor=floor)
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    decay = min(int(round(cfg.decay_fraction * cfg.steps)), cfg.steps - warmup)
+    return WSDSchedule(warmup_steps=warmup, stable_steps=cfg.steps - warmup - decay, decay_steps=decay,
+                       floor=cfg.lr_floor, decay="cosine")
 
 
 class SpikeDetector:
@@ -239,6 +241,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
+        self.schedule = wsd_schedule(cfg)
         self.spikes = SpikeDetector(cfg.spike_window, cfg.spike_margin)
         self.step = 0
         self.tokens = 0
@@ -258,8 +261,7 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _lr_multiplier(self, step: int) -> float:
-        c = self.cfg
-        return wsd_multiplier(step, c.steps, c.warmup_steps, c.decay_fraction, c.lr_floor)
+        return self.schedule(step)
 
     def _autocast(self):
         if self.cfg.dtype == "bf16":
@@ -321,7 +323,7 @@ class Trainer:
             per_layer = self.model.max_attention_logits().amax(dim=-1).tolist()
         per_layer = [float(x) for x in per_layer]
         record["max_logit"] = max(per_layer) if per_layer else float("nan")
-        record["clipped_heads"] = int(stats.get("clipped_heads", 0))
+        record["clipped_heads"] = int(stats.get("heads_clipped", 0))
         if detail:
             record["max_logit_per_layer"] = per_layer
 
