@@ -6,6 +6,7 @@ import importlib
 import sys
 
 STAGES = {
+    "prepare": ("openk2.data", "main", "tokenize a corpus into uint32 shards"),
     "pretrain": ("openk2.train", "main_pretrain", "pre-train a K2-architecture model with MuonClip"),
     "sft": ("openk2.sft", "main", "supervised fine-tuning on chats with tool calls"),
     "sample": ("openk2.engine", "main_sample", "print a completion from a checkpoint"),
@@ -13,7 +14,8 @@ STAGES = {
     "serve": ("openk2.serve", "main", "OpenAI-compatible HTTP server"),
     "plot": ("openk2.plots", "main", "write PNG plots for a run directory"),
     "plan": ("openk2.plan", "main", "memory / step-time planner for the K2 shape on N GPUs"),
-    "convert": ("openk2.checkpoint", "main", "convert / consolidate / quantize checkpoints"),
+    "convert": ("openk2.checkpoint", "main", "convert checkpoints (block-FP8 <-> bf16)"),
+    "consolidate": ("openk2.parallel", "main_consolidate", "distributed checkpoint -> one HF-layout checkpoint"),
     "info": ("openk2.config", "main", "show a preset or config.json and its parameter counts"),
 }
 
