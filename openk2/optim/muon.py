@@ -1,0 +1,529 @@
+"""Muon and MuonClip: Newton-Schulz orthogonalized momentum for hidden-layer matrices, AdamW for the rest,
+and per-head QK-Clip after every step (Kimi K2 report §2.1, Moonlight §2; facts in shared/k2-spec.md §2).
+
+Reading order:
+  zeropower_via_newtonschulz   the orthogonalization (quintic Newton-Schulz, bf16, batched over leading dims)
+  muon_update / adamw_update   one parameter's update, written as formulas
+  Muon                         a torch.optim.Optimizer over 2-D / 3-D parameters
+  MuonClip                     one optimizer object: grouping rule + Muon groups + AdamW groups + QK-Clip
+
+Conventions chosen to match torch.optim.Muon exactly (so the two agree bit for bit on 2-D weights):
+  * momentum is kept as an EMA, buf <- lerp(buf, g, 1 - mu); Nesterov feeds lerp(g, buf, mu) to NS.
+    This equals the spec's M_t = mu*M_{t-1} + G_t (and G_t + mu*M_t) times the constant (1 - mu), which the
+    Frobenius normalization inside NS removes, so the update is the same.
+  * NS pre-normalization divides by max(||X||_F, eps), eps = 1e-7, in bf16.
+  * weight decay is decoupled and uses the group lr: p *= 1 - lr*wd; then p -= lr*scale(A,B)*NS(update).
+
+Distributed (FSDP2 / DTensor): see `_orthogonalize_sharded` and docs/muonclip.md.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+RMS_SCALES = ("moonlight", "original")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Newton-Schulz
+
+
+def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS) -> Tensor:
+    """Approximately orthogonalize G (U S V^T -> U S' V^T, S' in ~[0.5, 1.5]) with a quintic Newton-Schulz
+    iteration in bf16. G is [..., A, B]; leading dims are a batch (a 3-D expert stack [E, A, B] is E independent
+    orthogonalizations done in one batched call). Returns bf16 of G's shape."""
+    if G.ndim < 2:
+        raise ValueError(f"zeropower_via_newtonschulz: need a [..., A, B] tensor, got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation so the Gram matrix X X^T is the small one
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, X.size(-2), X.size(-1))
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+    X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
+    return X.mT if tall else X
+
+
+def update_scale(shape: torch.Size | tuple[int, ...], rms_scale: str) -> float:
+    """Multiplier on lr for an orthogonalized update of a matrix [A, B] (the last two dims).
+    "moonlight": 0.2*sqrt(max(A, B)) gives an update RMS of about 0.2, like AdamW's, so AdamW's lr and wd
+    can be reused (Moonlight §2.2; K2). "original": sqrt(max(1, A/B)) (Keller Jordan; torch.optim.Muon's default).
+    """
+    A, B = shape[-2], shape[-1]
+    if rms_scale == "moonlight":
+        return 0.2 * math.sqrt(max(A, B))
+    if rms_scale == "original":
+        return math.sqrt(max(1.0, A / B))
+    raise ValueError(f"rms_scale must be one of {RMS_SCALES}, got {rms_scale!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-parameter updates (local tensors; DTensors are unwrapped by the callers)
+
+
+def nesterov_momentum_(grad: Tensor, buf: Tensor, momentum: float, nesterov: bool) -> Tensor:
+    """Update the momentum buffer in place and return the tensor to orthogonalize."""
+    buf.lerp_(grad, 1 - momentum)
+    return grad.lerp(buf, momentum) if nesterov else buf
+
+
+def apply_muon_update_(param: Tensor, ortho: Tensor, lr: float, weight_decay: float, scale: float) -> None:
+    """Decoupled weight decay, then the scaled orthogonalized step (ortho may be bf16)."""
+    param.mul_(1 - lr * weight_decay)
+    param.add_(ortho.to(param.dtype) if ortho.dtype != param.dtype else ortho, alpha=-lr * scale)
+
+
+def adamw_update_(
+    param: Tensor, grad: Tensor, state: dict, lr: float, weight_decay: float,
+    betas: tuple[float, float], eps: float,
+) -> None:
+    """torch.optim.AdamW's single-tensor update, written out (same op order, so the results are identical)."""
+    beta1, beta2 = betas
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["step"] += 1
+    step = state["step"].item()
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DTensor helpers (FSDP2 shards parameters as DTensor with Shard(0) on a 1-D mesh)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _nonfinite_flags(grads: list[Tensor], any_dtensor: bool) -> list[bool]:
+    """One flag per gradient: does it hold a NaN/inf? One sync for all; under DTensor the flags are OR-reduced
+    across ranks so every rank skips the same parameters (a shard's NaN must stop the whole matrix)."""
+    if not grads:
+        return []
+    bad = torch.stack([(~torch.isfinite(_local(g))).any() for g in grads]).to(torch.int32)
+    if any_dtensor and _dist_ready():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in bad.tolist()]
+
+
+def _shard0_layout(p: Tensor) -> tuple[Any, int, int] | None:
+    """(process group, rank in it, world) when p is a DTensor sharded as Shard(0) on a 1-D mesh, else None."""
+    from torch.distributed.tensor import Shard
+
+    if not _is_dtensor(p):
+        return None
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        return None
+    return mesh.get_group(), mesh.get_local_rank(), mesh.size()
+
+
+@dataclass
+class _ShardedMatrix:
+    """A Shard(0)-sharded 2-D matrix waiting for orthogonalization by its owner rank."""
+
+    param: Tensor  # DTensor
+    update_local: Tensor  # this rank's rows of the momentum-updated gradient
+    lr: float
+    weight_decay: float
+    scale: float
+    owner: int
+
+
+def _orthogonalize_sharded(jobs: list[_ShardedMatrix], ns_steps: int) -> tuple[float, int]:
+    """Owner-computes scheme for Shard(0) 2-D matrices (Moonlight's distributed Muon, without redundant NS):
+    matrix i is owned by rank i % world; every rank sends its rows (bf16, padded to equal chunk size) to the owner
+    (gather), the owner runs NS on the whole matrix, and scatters each rank's rows back. Bytes moved per matrix of
+    N elements: 2*(world-1)/world*N*2 (bf16 gather + bf16 scatter), versus (world-1)*N*2 for an all-gather.
+    All gathers are issued asynchronously first, then the owner computes, then the scatters are issued.
+    Returns (sum of squares of the scaled updates this rank computed, their element count) for stats."""
+    sq_sum, count = 0.0, 0
+    if not jobs:
+        return sq_sum, count
+    gathers = []
+    for job in jobs:
+        group, rank, world = _shard0_layout(job.param)
+        rows = job.param.shape[0]
+        chunk = -(-rows // world)
+        padded = torch.zeros(chunk, *job.param.shape[1:], dtype=torch.bfloat16)
+        padded[: job.update_local.shape[0]] = job.update_local
+        owner_global = dist.get_global_rank(group, job.owner)
+        gather_list = [torch.empty_like(padded) for _ in range(world)] if rank == job.owner else None
+        work = dist.gather(padded, gather_list, dst=owner_global, group=group, async_op=True)
+        gathers.append((job, group, rank, world, chunk, gather_list, work, owner_global))
+    scatters = []
+    for job, group, rank, world, chunk, gather_list, work, owner_global in gathers:
+        work.wait()
+        out = torch.empty(chunk, *job.param.shape[1:], dtype=torch.bfloat16)
+        scatter_list = None
+        if rank == job.owner:
+            full = torch.cat(gather_list)[: job.param.shape[0]]
+            ortho = zeropower_via_newtonschulz(full, ns_steps)
+            sq_sum += float(ortho.float().square().sum()) * job.scale**2
+            count += ortho.numel()
+            ortho = torch.cat([ortho, ortho.new_zeros(chunk * world - ortho.shape[0], *ortho.shape[1:])])
+            scatter_list = list(ortho.split(chunk))
+        w = dist.scatter(out, scatter_list, src=owner_global, group=group, async_op=True)
+        scatters.append((job, out, w))
+    for job, out, w in scatters:
+        w.wait()
+        local = job.param.to_local()
+        apply_muon_update_(local, out[: local.shape[0]], job.lr, job.weight_decay, job.scale)
+    return sq_sum, count
+
+
+def _muon_step_group(
+    group: dict, params: list[Tensor], grads: list[Tensor], state: dict, stats: "_StepTally"
+) -> None:
+    """Muon for one param group's (already finite-checked) params. Plain tensors and DTensors whose shards hold
+    whole matrices (3-D expert stacks sharded on the expert dim) are orthogonalized locally; 2-D Shard(0) DTensors
+    go through the owner-computes exchange; anything else is gathered whole with full_tensor()."""
+    lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+    nesterov, ns_steps, rms_scale = group["nesterov"], group["ns_steps"], group["rms_scale"]
+    sharded_jobs: list[_ShardedMatrix] = []
+    for p, g in zip(params, grads):
+        st = state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        buf = st["momentum_buffer"]
+        scale = update_scale(p.shape, rms_scale)
+        update = nesterov_momentum_(_local(g), _local(buf), mu, nesterov)
+        layout = _shard0_layout(p)
+        if not _is_dtensor(p) or (layout is not None and p.ndim >= 3):
+            ortho = zeropower_via_newtonschulz(update, ns_steps)
+            stats.add_update(ortho, scale)
+            apply_muon_update_(_local(p), ortho, lr, wd, scale)
+        elif layout is not None:
+            sharded_jobs.append(_ShardedMatrix(p, update, lr, wd, scale, owner=stats.next_owner(layout[2])))
+        else:  # other placements (e.g. 2-D meshes): correct but not communication-optimal
+            from torch.distributed.tensor import DTensor
+
+            full = DTensor.from_local(update, p.device_mesh, p.placements).full_tensor()
+            ortho = zeropower_via_newtonschulz(full, ns_steps).to(p.dtype)
+            stats.add_update(ortho, scale, counted=dist.get_rank() == 0)
+            from torch.distributed.tensor import distribute_tensor
+
+            ortho_local = distribute_tensor(ortho, p.device_mesh, p.placements).to_local()
+            apply_muon_update_(p.to_local(), ortho_local, lr, wd, scale)
+    sq, n = _orthogonalize_sharded(sharded_jobs, ns_steps)
+    stats.update_sq_sum += sq
+    stats.update_count += n
+
+
+@dataclass
+class _StepTally:
+    """Counters gathered during one step, turned into `last_stats`."""
+
+    nonfinite_skipped: int = 0
+    skipped_names: list[str] = field(default_factory=list)
+    update_sq_sum: float = 0.0
+    update_count: int = 0
+    any_dtensor: bool = False
+    _owner_cursor: int = 0
+
+    def add_update(self, ortho: Tensor, scale: float, counted: bool = True) -> None:
+        if counted:
+            self.update_sq_sum += float(ortho.float().square().sum()) * scale**2
+            self.update_count += ortho.numel()
+
+    def next_owner(self, world: int) -> int:
+        owner = self._owner_cursor % world
+        self._owner_cursor += 1
+        return owner
+
+    def update_rms(self) -> float:
+        totals = torch.tensor([self.update_sq_sum, float(self.update_count)], dtype=torch.float64)
+        if self.any_dtensor and _dist_ready():
+            dist.all_reduce(totals)
+        return math.sqrt(totals[0].item() / totals[1].item()) if totals[1] > 0 else 0.0
+
+
+def _collect_grads(group: dict, names: dict[Tensor, str] | None, tally: _StepTally) -> tuple[list, list]:
+    """Params with gradients in this group minus those with NaN/inf gradients (reported, left untouched)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    tally.any_dtensor |= any(_is_dtensor(p) for p in params)
+    flags = _nonfinite_flags(grads, tally.any_dtensor)
+    keep_p, keep_g = [], []
+    for p, g, bad in zip(params, grads, flags):
+        if bad:
+            name = names.get(p, f"<param {tuple(p.shape)}>") if names else f"<param {tuple(p.shape)}>"
+            tally.nonfinite_skipped += 1
+            tally.skipped_names.append(name)
+            continue
+        if g.is_sparse:
+            raise RuntimeError(f"muon.py: sparse gradient for {names.get(p) if names else tuple(p.shape)} "
+                               "is not supported")
+        keep_p.append(p)
+        keep_g.append(g)
+    return keep_p, keep_g
+
+
+def _warn_skipped(tally: _StepTally, where: str) -> None:
+    if tally.nonfinite_skipped:
+        shown = ", ".join(tally.skipped_names[:5]) + (" ..." if len(tally.skipped_names) > 5 else "")
+        warnings.warn(f"{where}: {tally.nonfinite_skipped} parameter(s) had NaN/inf gradients and were not "
+                      f"updated this step: {shown}", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights and 3-D stacks of matrices (one orthogonalization per leading index).
+
+    update = NS(Nesterov momentum) * scale(A, B), with decoupled weight decay: p *= 1 - lr*wd; p -= lr*scale*O.
+    `rms_scale="moonlight"`: scale = 0.2*sqrt(max(A,B)) (default); `"original"`: sqrt(max(1, A/B)).
+    A NaN/inf gradient is reported (warning; `last_stats["nonfinite_skipped"]`) and that parameter is skipped.
+    """
+
+    def __init__(
+        self, params: Iterable, lr: float = 2e-4, weight_decay: float = 0.1, momentum: float = 0.95,
+        nesterov: bool = True, ns_steps: int = 5, rms_scale: str = "moonlight",
+    ) -> None:
+        _check_hparams(lr, weight_decay, momentum, rms_scale)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, rms_scale=rms_scale, use_muon=True)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not _muon_can_handle(p):
+                    raise ValueError(f"Muon: parameter of shape {tuple(p.shape)} is not a non-empty 2-D or 3-D "
+                                     "matrix; give it to AdamW (MuonClip does this automatically)")
+        self.last_stats: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        tally = _StepTally()
+        for group in self.param_groups:
+            params, grads = _collect_grads(group, None, tally)
+            _muon_step_group(group, params, grads, self.state, tally)
+        _warn_skipped(tally, "Muon.step")
+        self.last_stats = {"nonfinite_skipped": tally.nonfinite_skipped, "update_rms": tally.update_rms()}
+        return loss
+
+
+def _check_hparams(lr: float, weight_decay: float, momentum: float, rms_scale: str) -> None:
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if rms_scale not in RMS_SCALES:
+        raise ValueError(f"rms_scale must be one of {RMS_SCALES}, got {rms_scale!r}")
+
+
+def _muon_can_handle(p: Tensor) -> bool:
+    return p.ndim in (2, 3) and p.numel() > 0 and not torch.is_complex(p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouping rule
+
+
+def _embedding_and_head_params(model: nn.Module) -> set[int]:
+    """ids of parameters that are embeddings or output heads (including a head tied to an embedding)."""
+    ids: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+        last = name.rsplit(".", 1)[-1]
+        if last in ("lm_head", "output", "head", "classifier", "score") and isinstance(module, nn.Linear):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    return ids
+
+
+def default_muon_filter(name: str, param: Tensor, *, embedding_or_head: bool = False) -> bool:
+    """The default rule: Muon for the >= 2-D weights of hidden layers (attention projections, dense MLP, shared
+    experts, routed expert stacks [E, I, H]); AdamW for embeddings, the output head, norm gains, biases, the
+    router's e_score_correction_bias and the router gate `*.gate.weight` [E, H].
+
+    Why the router gate goes to AdamW: it is a small classifier whose rows are per-expert score vectors read by
+    a sigmoid + top-k, like lm_head's per-token rows. Orthogonalizing its update gives every expert's row an
+    update of the same size whether the expert received many tokens or none, which amplifies noise on rarely
+    chosen experts; AdamW's per-coordinate steps keep rarely-routed rows quiet. It is tiny, so cost is moot.
+    """
+    if embedding_or_head or not _muon_can_handle(param):
+        return False
+    parts = name.split(".")
+    if "e_score_correction_bias" in parts or parts[-1] == "bias":
+        return False
+    if len(parts) >= 2 and parts[-2] == "gate" and parts[-1] == "weight":  # MoE router (dense MLP uses gate_proj)
+        return False
+    if any(k in name for k in ("embed_tokens", "wte", "wpe", "lm_head")):
+        return False
+    return True
+
+
+def split_params_for_muonclip(
+    model_or_params: nn.Module | Iterable, muon_filter: Callable[[str, Tensor], bool] | None = None
+) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """(muon, adamw) lists of (name, param). Accepts a module, an iterable of params, or of (name, param) pairs.
+    A user filter that picks a parameter Muon cannot handle (1-D, 4-D+, empty) is overruled (warning) to AdamW."""
+    head_ids: set[int] = set()
+    if isinstance(model_or_params, nn.Module):
+        named = list(model_or_params.named_parameters())
+        head_ids = _embedding_and_head_params(model_or_params)
+    else:
+        items = list(model_or_params)
+        if items and isinstance(items[0], dict):
+            raise TypeError("MuonClip: pass a model, params or (name, param) pairs; param-group dicts are built "
+                            "by MuonClip itself (use muon_filter to choose the groups)")
+        named = [it if isinstance(it, tuple) else (f"param{i}", it) for i, it in enumerate(items)]
+    muon, adamw, seen = [], [], set()
+    for name, p in named:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if muon_filter is not None:
+            wants_muon = bool(muon_filter(name, p))
+            if wants_muon and not _muon_can_handle(p):
+                warnings.warn(f"MuonClip: muon_filter chose {name} {tuple(p.shape)}, which Muon cannot "
+                              "orthogonalize (needs a non-empty 2-D/3-D matrix); using AdamW for it", stacklevel=3)
+                wants_muon = False
+        else:
+            wants_muon = default_muon_filter(name, p, embedding_or_head=id(p) in head_ids)
+        (muon if wants_muon else adamw).append((name, p))
+    return muon, adamw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MuonClip
+
+
+class MuonClip(torch.optim.Optimizer):
+    """Muon + AdamW + per-head QK-Clip in one optimizer (Kimi K2 §2.1).
+
+        opt = MuonClip(model, lr=2e-4, weight_decay=0.1, qk_clip_tau=100.0)
+        loss.backward(); opt.step(); opt.zero_grad()
+
+    Groups: param_groups[i]["use_muon"] says which update a group gets; all groups share lr and weight decay
+    (K2 reuses AdamW's lr/wd thanks to the moonlight RMS scaling). Every group's "lr" is the real learning rate,
+    so torch LR schedulers (LambdaLR stores "initial_lr" and rewrites "lr") and openk2.optim.schedule drive it.
+
+    QK-Clip (qk_clip_tau not None): the model must be passed as a module; MuonClip turns `record_max_logits` on
+    in its attention modules (openk2 MLA, or any module qk_clip.find_attention_modules recognises), and after each
+    step reads the recorded per-head max logits, all-reduces them (MAX) across ranks, and rescales the query/key
+    weights of heads above tau. `last_stats` after a step:
+        max_logit_per_layer [L floats], max_logit, clipped_heads, nonfinite_skipped, update_rms (Muon, without lr)
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable,
+        lr: float = 2e-4,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        qk_clip_tau: float | None = 100.0,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        rms_scale: str = "moonlight",
+        muon_filter: Callable[[str, Tensor], bool] | None = None,
+        ns_steps: int = 5,
+    ) -> None:
+        _check_hparams(lr, weight_decay, momentum, rms_scale)
+        if qk_clip_tau is not None and qk_clip_tau <= 0:
+            raise ValueError(f"qk_clip_tau must be > 0 or None, got {qk_clip_tau}")
+        muon_named, adamw_named = split_params_for_muonclip(model_or_params, muon_filter)
+        if not muon_named and not adamw_named:
+            raise ValueError("MuonClip: no trainable parameters were given")
+        common = dict(lr=lr, weight_decay=weight_decay)
+        groups = []
+        if muon_named:
+            groups.append(dict(params=[p for _, p in muon_named], use_muon=True, momentum=momentum,
+                               nesterov=nesterov, ns_steps=ns_steps, rms_scale=rms_scale, **common))
+        if adamw_named:
+            groups.append(dict(params=[p for _, p in adamw_named], use_muon=False, betas=adamw_betas,
+                               eps=adamw_eps, **common))
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        rms_scale=rms_scale, betas=adamw_betas, eps=adamw_eps, use_muon=False)
+        super().__init__(groups, defaults)
+        self.param_names: dict[Tensor, str] = {p: n for n, p in muon_named + adamw_named}
+        self.qk_clip_tau = qk_clip_tau
+        self.attention_targets: list = []
+        if qk_clip_tau is not None:
+            from openk2.optim.qk_clip import find_attention_modules
+
+            if not isinstance(model_or_params, nn.Module):
+                raise ValueError("MuonClip: QK-Clip needs the model (an nn.Module) to find its attention modules; "
+                                 "pass the model, or qk_clip_tau=None for plain Muon + AdamW")
+            self.attention_targets = find_attention_modules(model_or_params)
+            if not self.attention_targets:
+                raise ValueError(
+                    "MuonClip: qk_clip_tau is set but no attention module with a recorded max-logit signal was "
+                    "found (openk2 MLA, or a module with q_proj/k_proj, num_heads and record_max_logits; see "
+                    "docs/muonclip.md). Pass qk_clip_tau=None to train without QK-Clip.")
+            for target in self.attention_targets:
+                target.module.record_max_logits = True
+        self.last_stats: dict[str, Any] = {}
+
+    def muon_param_names(self) -> list[str]:
+        return [self.param_names[p] for g in self.param_groups if g["use_muon"] for p in g["params"]]
+
+    def adamw_param_names(self) -> list[str]:
+        return [self.param_names[p] for g in self.param_groups if not g["use_muon"] for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        tally = _StepTally()
+        for group in self.param_groups:
+            params, grads = _collect_grads(group, self.param_names, tally)
+            if group["use_muon"]:
+                _muon_step_group(group, params, grads, self.state, tally)
+            else:
+                for p, g in zip(params, grads):
+                    adamw_update_(_local(p), _local(g), self.state[p], group["lr"], group["weight_decay"],
+                                  group["betas"], group["eps"])
+        _warn_skipped(tally, "MuonClip.step")
+        stats: dict[str, Any] = {"nonfinite_skipped": tally.nonfinite_skipped, "update_rms": tally.update_rms()}
+        if self.qk_clip_tau is not None:
+            from openk2.optim.qk_clip import apply_qk_clip
+
+            stats.update(apply_qk_clip(self.attention_targets, self.qk_clip_tau))
+        self.last_stats = stats
+        return loss
