@@ -1,0 +1,610 @@
+"""The Kimi K2 model: DeepSeek-V3 architecture (MLA attention + MoE), readable top to bottom.
+
+    embed -> [RMSNorm -> MLA -> +residual -> RMSNorm -> (dense SwiGLU | MoE) -> +residual] x L -> RMSNorm -> lm_head
+
+Parameter names equal the released Hugging Face names, except the routed experts, which are stacked 3-D parameters
+(`mlp.experts.gate_proj` [E, I, H], `.up_proj` [E, I, H], `.down_proj` [E, H, I]); `openk2.checkpoint` maps them.
+Contracts other modules rely on are in docs/architecture.md ("Model contract").
+
+Two attention paths:
+- training / full-sequence path: q, k, v are materialized per head and run through scaled_dot_product_attention
+  (or, when `record_max_logits` is on, through explicit scores so the per-head max logit can be recorded for
+  QK-Clip);
+- decode path (`cache=`): only the normalized latent c_kv and the rotated shared k_rope are cached per token;
+  the k half of kv_b_proj is folded into the query and the v half into the output ("weight absorption").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.config import K2Config
+
+__all__ = [
+    "K2Config", "CausalLMOutput", "RMSNorm", "RotaryEmbedding", "MLA", "MLP", "Router", "RoutedExperts", "MoE",
+    "DecoderLayer", "K2Model", "K2ForCausalLM", "MLACache",
+]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype active for this device type, or None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norm and rotary embedding
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32, returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_parameters(cfg: K2Config) -> tuple[torch.Tensor, float, float]:
+    """(inv_freq [rope_dim/2] fp32, cos/sin attention factor, softmax scale), following transformers' DeepseekV3.
+
+    YaRN blends interpolated (1/(factor*theta^(2i/d))) and extrapolated frequencies with a linear ramp between the
+    correction dims of beta_fast / beta_slow rotations; cos/sin are multiplied by the attention factor
+    mscale(factor, mscale)/mscale(factor, mscale_all_dim); the softmax scale gets mscale(factor, mscale_all_dim)^2.
+    """
+    dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
+    softmax_scale = cfg.qk_head_dim ** -0.5
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    pos_freqs = base ** exponents
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return 1.0 / pos_freqs, 1.0, softmax_scale
+
+    factor = float(scaling["factor"])
+    original_max = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    if mscale_all_dim:
+        softmax_scale *= _yarn_mscale(factor, mscale_all_dim) ** 2
+    return inv_freq, float(attention_factor), softmax_scale
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions. inv_freq is a plain tensor (not a buffer), so meta-device construction
+    followed by `to_empty` cannot leave it uninitialized; it is moved to the positions' device on use."""
+
+    def __init__(self, cfg: K2Config):
+        super().__init__()
+        self.inv_freq, self.attention_factor, self.softmax_scale = rope_parameters(cfg)
+        self._device_inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] (int) -> cos, sin [..., rope_dim/2] fp32 (attention factor applied)."""
+        inv_freq = self._device_inv_freq.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._device_inv_freq[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv_freq
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [..., d] by cos/sin [..., d/2] (broadcast). With `interleave`, pairs are (x0,x1),(x2,x3),...
+    (DeepSeek layout) and the output lists the rotated even dims, then the odd ones, as transformers does; q and k
+    use the same layout so their dot products are unchanged."""
+    half = x.shape[-1] // 2
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode cache: latent c_kv (normalized) + rotated k_rope per token, never per-head K/V
+class MLACache:
+    """Compressed decode cache. `latents[layer]` is [B, max_len, kv_lora_rank + qk_rope_head_dim]
+    (c_kv after kv_a_layernorm, then k_rope after RoPE); `lengths` [B] counts the tokens held per row."""
+
+    def __init__(self, cfg: K2Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"MLACache: batch_size={batch_size} and max_len={max_len} must be positive")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.latents = [
+            torch.zeros(batch_size, max_len, width, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
+        ]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.latents[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.latents[0].device
+
+    def bytes_per_token(self) -> int:
+        return sum(t.shape[-1] * t.element_size() for t in self.latents)
+
+    def reset(self, rows: torch.Tensor | list[int] | int | None = None) -> None:
+        """Free rows (all when None): their length goes back to 0."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-head latent attention
+class MLA(nn.Module):
+    def __init__(self, cfg: K2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.rope_interleave = cfg.rope_interleave
+        H, nh, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 as in the released code
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=bias)
+        self.softmax_scale = rope_parameters(cfg)[2]
+        # QK-Clip signal: when on, the training forward stores the per-head max scaled logit here.
+        self.record_max_logits = False
+        self.max_logits: torch.Tensor | None = None
+
+    def _project(self, x, cos, sin):
+        """x [B, T, H] -> q_nope [B,T,h,dn], q_rope [B,T,h,dr] (rotated), c_kv [B,T,r] (normed), k_rope [B,T,dr]."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.num_heads, self.qk_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_interleave)
+        k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
+        return q_nope, q_rope, c_kv, k_rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: MLACache | None = None,
+                cache_rows: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        q_nope, q_rope, c_kv, k_rope = self._project(x, cos, sin)
+        if cache is not None:
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, cache, cache_rows, positions)
+        else:
+            out = self._attend_full(q_nope, q_rope, c_kv, k_rope)
+        return self.o_proj(out)
+
+    # -- training / full-sequence path -------------------------------------------------------------------------
+    def _attend_full(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
+        B, T, nh, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, nh, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B, h, T, dq]
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, T, nh, self.rope_dim)), dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B, h, T, dv]
+        if self.record_max_logits:
+            scores = torch.matmul(q, k.transpose(-2, -1)).float() * self.softmax_scale
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+            self.max_logits = scores.detach().amax(dim=(0, 2, 3))
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+            out = torch.matmul(probs, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.transpose(1, 2).reshape(B, T, nh * self.v_dim)
+
+    # -- decode path: compressed cache + weight absorption ------------------------------------------------------
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, cache: MLACache, rows, positions) -> torch.Tensor:
+        """Attend over the cached latents. positions [B', T] are the new tokens' absolute positions (= the row's
+        length before this call + t); they are written to the cache first, then every query attends to cache slots
+        0..its own position. kv_b_proj's k half is folded into q, its v half applied after the weighted sum."""
+        B, T, nh, _ = q_nope.shape
+        store = cache.latents[self.layer_idx]
+        new = torch.cat((c_kv, k_rope), dim=-1).to(store.dtype)
+        row_index = torch.arange(B, device=store.device) if rows is None else rows
+        store[row_index.unsqueeze(1), positions] = new
+        span = int(positions[:, -1].max()) + 1
+        latents = store[:B, :span] if rows is None else store[rows, :span]  # [B', S, r + dr]
+        latents = latents.to(q_nope.dtype)
+
+        w_kv = self.kv_b_proj.weight.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim:]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk.to(q_nope.dtype))
+        query = torch.cat((q_latent, q_rope), dim=-1).reshape(B, T * nh, -1)  # [B', T*h, r + dr]
+        scores = torch.bmm(query, latents.transpose(1, 2)).float() * self.softmax_scale  # [B', T*h, S]
+        scores = scores.view(B, T, nh, span)
+        future = torch.arange(span, device=scores.device).view(1, 1, span) > positions.unsqueeze(-1)  # [B', T, S]
+        scores = scores.masked_fill(future.unsqueeze(2), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(latents.dtype).view(B, T * nh, span)
+        out_latent = torch.bmm(probs, latents[..., : self.kv_lora_rank]).view(B, T, nh, self.kv_lora_rank)
+        out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))
+        return out.reshape(B, T, nh * self.v_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU, router, routed experts, MoE
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for the dense layers and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k router (DeepSeek-V3 `noaux_tc`): fp32 scores; `e_score_correction_bias` shifts *selection* only;
+    group-limited top-k when n_group > 1; weights from the unbiased scores, optionally normalized, then scaled.
+
+    While training it counts tokens per expert in `load` (fp32 [E], non-persistent) for the aux-loss-free
+    bias update (`K2ForCausalLM.update_router_bias`) and telemetry."""
+
+    def __init__(self, cfg: K2Config):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (topk_idx [N, k] long, topk_weight [N, k] fp32, scores [N, E] fp32)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():
+            choice = scores + self.e_score_correction_bias.float()
+            if self.n_group > 1:
+                N = choice.shape[0]
+                grouped = choice.view(N, self.n_group, -1)
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+                keep = group_scores.topk(self.topk_group, dim=-1).indices
+                group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+                choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, -1)
+            topk_idx = choice.topk(self.top_k, dim=-1).indices
+        topk_weight = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weight = topk_weight * self.routed_scaling_factor
+        if self.training:
+            with torch.no_grad():
+                self.load += torch.bincount(topk_idx.flatten(), minlength=self.num_experts).to(self.load.dtype)
+        return topk_idx, topk_weight, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights, run by a sorted grouped dispatch (no Python loop over experts).
+
+    forward(x [N, H], topk_idx [N, k], topk_weight [N, k]) -> [N, H] = sum_j w_j * Expert_{idx_j}(x).
+    Assignments are sorted by expert so each expert's tokens are one contiguous slice, then
+    `torch._grouped_mm` (or, where it is unavailable, a padded batched matmul) runs all experts at once.
+    Under autocast the experts compute in the autocast dtype (bf16), like every other matmul.
+    Expert parallelism replaces this module wholesale (same forward signature)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.dispatch = "grouped_mm" if hasattr(torch, "_grouped_mm") else "padded_bmm"
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        N, k = topk_idx.shape
+        dtype = _autocast_dtype(x.device.type) or self.gate_proj.dtype
+        flat_expert = topk_idx.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        x_sorted = x[order // k].to(dtype)  # [N*k, H]
+        gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1).to(dtype)  # [E, 2I, H]
+        down = self.down_proj.to(dtype)
+        if self.dispatch == "grouped_mm":
+            y_sorted = self._grouped_mm_swiglu(x_sorted, counts, gate_up, down)
+        else:
+            y_sorted = self._padded_bmm_swiglu(x_sorted, counts, flat_expert[order], gate_up, down)
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted  # back to (token, slot) order
+        y = (y.view(N, k, -1).float() * topk_weight.unsqueeze(-1).float()).sum(dim=1)
+        return y.to(x.dtype)
+
+    def _grouped_mm_swiglu(self, xs, counts, gate_up, down):
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offsets)
+        gate, up = h.split(self.intermediate_size, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
+
+    def _padded_bmm_swiglu(self, xs, counts, sorted_expert, gate_up, down):
+        capacity = int(counts.max()) if xs.shape[0] else 0
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(xs.shape[0], device=xs.device) - starts[sorted_expert]
+        padded = xs.new_zeros(self.num_experts, capacity, xs.shape[-1])
+        padded[sorted_expert, slot] = xs
+        h = torch.bmm(padded, gate_up.transpose(-2, -1))
+        gate, up = h.split(self.intermediate_size, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, down.transpose(-2, -1))
+        return out[sorted_expert, slot]
+
+
+class MoE(nn.Module):
+    """Router + routed experts + shared expert. Optional DeepSeek-V3 sequence-wise balance loss in `aux_loss`."""
+
+    def __init__(self, cfg: K2Config):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        self.seq_aux_alpha = cfg.aux_loss_alpha if cfg.seq_aux else 0.0
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(B * T, H)
+        topk_idx, topk_weight, scores = self.gate(flat)
+        out = self.experts(flat, topk_idx, topk_weight)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        self.aux_loss = None
+        if self.training and self.seq_aux_alpha > 0:
+            self.aux_loss = self._sequence_balance_loss(scores.view(B, T, -1), topk_idx.view(B, T, -1))
+        return out.view(B, T, H)
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """alpha * mean_b sum_i f_i P_i with f_i = E/(k T) * #tokens of the sequence routed to i and P_i the mean
+        normalized score of expert i over the sequence (DeepSeek-V3 eq. 17-20)."""
+        B, T, E = scores.shape
+        k = topk_idx.shape[-1]
+        counts = torch.zeros(B, E, device=scores.device, dtype=scores.dtype)
+        counts.scatter_add_(1, topk_idx.reshape(B, T * k), torch.ones(B, T * k, device=scores.device, dtype=scores.dtype))
+        f = counts * (E / (k * T))
+        p = (scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)).mean(dim=1)
+        return self.seq_aux_alpha * (f * p).sum(dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks and the model
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: K2Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, cache_rows=None, positions=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_rows, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class K2Model(nn.Module):
+    def __init__(self, cfg: K2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+
+    def forward(self, input_ids, cache=None, cache_rows=None, positions=None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rotary(positions)  # [T, dr/2] or [B', T, dr/2]
+        if cos.dim() == 2:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, cache_rows, positions if cache is not None else None)
+        return self.norm(x)
+
+
+class K2ForCausalLM(nn.Module):
+    """The K2 causal LM. `model(input_ids, labels=None, *, cache=None, cache_rows=None)` -> CausalLMOutput."""
+
+    def __init__(self, config: K2Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = K2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # -- init ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, initializer_range) for every matrix (linears, embedding, experts, router); ones for norms;
+        zeros for biases and the router correction bias."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, RoutedExperts):
+                for weight in (module.gate_proj, module.up_proj, module.down_proj):
+                    weight.normal_(0.0, std)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std)
+                module.e_score_correction_bias.zero_()
+                module.load.zero_()
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, cache: MLACache | None = None,
+                cache_rows: torch.Tensor | None = None) -> CausalLMOutput:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor [B, T]; got {tuple(input_ids.shape)} {input_ids.dtype}")
+        positions = None
+        if cache is not None:
+            positions, cache_rows = self._cache_positions(input_ids, cache, cache_rows)
+        hidden = self.model(input_ids, cache, cache_rows, positions)
+        logits = self.lm_head(hidden)
+        if cache is not None:
+            rows = cache_rows if cache_rows is not None else slice(None)
+            cache.lengths[rows] += input_ids.shape[1]
+
+        aux_loss = None
+        if self.training:
+            aux_terms = [layer.mlp.aux_loss for layer in self.model.layers
+                         if isinstance(layer.mlp, MoE) and layer.mlp.aux_loss is not None]
+            if aux_terms:
+                aux_loss = torch.stack(aux_terms).sum()
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    def _cache_positions(self, input_ids, cache: MLACache, cache_rows):
+        B, T = input_ids.shape
+        if cache_rows is None:
+            if B != cache.batch_size:
+                raise ValueError(f"input_ids has {B} rows but the cache has {cache.batch_size}; pass cache_rows")
+            start = cache.lengths
+        else:
+            cache_rows = torch.as_tensor(cache_rows, dtype=torch.long, device=cache.lengths.device).reshape(-1)
+            if cache_rows.numel() != B:
+                raise ValueError(f"cache_rows has {cache_rows.numel()} entries for {B} input rows")
+            if cache_rows.numel() and (cache_rows.min() < 0 or cache_rows.max() >= cache.batch_size):
+                raise ValueError(f"cache_rows {cache_rows.tolist()} out of range for a cache of {cache.batch_size} rows")
+            start = cache.lengths[cache_rows]
+        if B and int(start.max()) + T > cache.max_len:
+            raise ValueError(f"cache overflow: a row would hold {int(start.max()) + T} tokens > max_len {cache.max_len}")
+        positions = start.unsqueeze(1) + torch.arange(T, device=start.device)
+        return positions.to(input_ids.device), cache_rows
+
+    # -- decode cache ------------------------------------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> MLACache:
+        """An empty compressed cache for `batch_size` rows of up to `max_len` tokens (dtype: the model's)."""
+        weight = self.lm_head.weight
+        return MLACache(self.config, batch_size, max_len, dtype or weight.dtype, weight.device)
+
+    # -- QK-Clip signal ----------------------------------------------------------------------------------------
+    def attention_modules(self) -> list[MLA]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def set_record_max_logits(self, flag: bool) -> None:
+        for attn in self.attention_modules():
+            attn.record_max_logits = flag
+            if not flag:
+                attn.max_logits = None
+
+    def max_attention_logits(self) -> torch.Tensor:
+        """[L, H] fp32: each layer's per-head max scaled logit from the last recorded training forward."""
+        values = [attn.max_logits for attn in self.attention_modules()]
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            raise RuntimeError(
+                f"no max attention logits recorded for layers {missing}: call set_record_max_logits(True) and run a "
+                "full-sequence forward (not a cached decode) first"
+            )
+        return torch.stack(values)
+
+    # -- router balancing and telemetry ------------------------------------------------------------------------
+    def routers(self) -> list[Router]:
+        return [layer.mlp.gate for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def expert_load(self) -> torch.Tensor:
+        """[n_moe_layers, E] fp32 tokens routed to each expert since the last bias update."""
+        routers = self.routers()
+        if not routers:
+            return torch.zeros(0, self.config.n_routed_experts)
+        return torch.stack([r.load.detach().clone() for r in routers])
+
+    @torch.no_grad()
+    def update_router_bias(self, gamma: float) -> None:
+        """Aux-loss-free balancing: b -= gamma * sign(load - mean(load)) per MoE layer, then reset the counts.
+        (Under data parallelism, all-reduce `gate.load` across ranks before calling this.)"""
+        for router in self.routers():
+            load = router.load
+            router.e_score_correction_bias -= gamma * torch.sign(load - load.mean())
+            load.zero_()
+
+    # -- checkpoints (file formats live in openk2.checkpoint) --------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "K2ForCausalLM":
+        from openk2 import checkpoint
+
+        return checkpoint.load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from openk2 import checkpoint
+
+        checkpoint.save_pretrained(self, path, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits[:, t] predicts labels[:, t + 1]; label -100 is ignored.
+    Computed in fp32; returns 0 (not NaN) when every label is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(logits.shape[:2])}")
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count

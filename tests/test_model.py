@@ -1,0 +1,302 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openk2.config import K2Config
+from openk2.model import IGNORE_INDEX, K2ForCausalLM, MoE, RoutedExperts, Router, causal_lm_loss
+
+
+def tiny(**changes) -> K2Config:
+    return K2Config.preset("tiny").replace(**changes)
+
+
+def randomize_norms_and_bias(model: K2ForCausalLM, scale: float = 0.0) -> None:
+    """Norm weights away from 1 so a wrong norm placement shows; router bias optional."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+        for router in model.routers():
+            router.e_score_correction_bias.copy_(scale * torch.randn_like(router.e_score_correction_bias))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward / loss
+def test_forward_shapes_and_loss_matches_manual_cross_entropy():
+    model = K2ForCausalLM(tiny())
+    ids = torch.randint(0, 512, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = IGNORE_INDEX
+    out = model(ids, labels=labels)
+    assert out.logits.shape == (2, 12, 512)
+    shifted = out.logits[:, :-1].reshape(-1, 512)
+    target = labels[:, 1:].reshape(-1)
+    keep = target != IGNORE_INDEX
+    expected = F.cross_entropy(shifted[keep], target[keep])
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == [], missing
+    # all labels ignored -> 0, not NaN
+    assert causal_lm_loss(out.logits.detach(), torch.full_like(ids, IGNORE_INDEX)).item() == 0.0
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=labels[:, :5])
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids.float())
+
+
+def test_parameter_names_follow_the_contract():
+    model = K2ForCausalLM(tiny())
+    names = dict(model.named_parameters())
+    E, I, H = 8, 32, 64
+    assert names["model.layers.1.mlp.experts.gate_proj"].shape == (E, I, H)
+    assert names["model.layers.1.mlp.experts.up_proj"].shape == (E, I, H)
+    assert names["model.layers.1.mlp.experts.down_proj"].shape == (E, H, I)
+    assert names["model.layers.1.mlp.gate.weight"].shape == (E, H)
+    assert "model.layers.1.mlp.shared_experts.gate_proj.weight" in names
+    assert "model.layers.0.mlp.gate_proj.weight" in names
+    for key in ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"):
+        assert f"model.layers.0.self_attn.{key}.weight" in names
+    state = model.state_dict()
+    assert state["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert not any(k.endswith(".load") for k in state)  # telemetry is not checkpointed
+    assert "lm_head.weight" in state and "model.norm.weight" in state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QK-Clip signal
+def test_max_logits_equal_brute_force_recomputation():
+    cfg = tiny(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                             "mscale": 1.0, "mscale_all_dim": 1.0})
+    model = K2ForCausalLM(cfg)
+    randomize_norms_and_bias(model)
+    ids = torch.randint(0, 512, (3, 10))
+    plain = model(ids).logits
+    model.set_record_max_logits(True)
+    recorded_out = model(ids).logits
+    torch.testing.assert_close(recorded_out, plain, atol=1e-5, rtol=1e-5)  # same forward either way
+    recorded = model.max_attention_logits()
+    assert recorded.shape == (3, 4) and recorded.dtype == torch.float32
+
+    # brute force: hook each attention input, recompute q.k per head in float64
+    inputs = {}
+    hooks = [attn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a))
+             for i, attn in enumerate(model.attention_modules())]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    for i, attn in enumerate(model.attention_modules()):
+        x, cos, sin = inputs[i][:3]
+        q_nope, q_rope, c_kv, k_rope = attn._project(x, cos, sin)
+        kv = attn.kv_b_proj(c_kv).view(3, 10, 4, -1)
+        k_nope = kv[..., : attn.nope_dim]
+        q = torch.cat((q_nope, q_rope), -1).double()
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(3, 10, 4, -1)), -1).double()
+        expected = torch.full((4,), -math.inf, dtype=torch.float64)
+        for b in range(3):
+            for h in range(4):
+                for t in range(10):
+                    for s in range(t + 1):
+                        expected[h] = max(expected[h], (q[b, t, h] @ k[b, s, h]).item() * attn.softmax_scale)
+        torch.testing.assert_close(recorded[i].double(), expected, atol=1e-5, rtol=1e-5)
+    model.set_record_max_logits(False)
+    with pytest.raises(RuntimeError, match="max attention logits"):
+        model.max_attention_logits()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode with the absorbed, compressed cache
+@pytest.mark.parametrize("q_lora_rank, yarn, interleave", [(32, True, True), (None, False, False)])
+def test_absorbed_decode_matches_full_forward_for_64_greedy_steps(q_lora_rank, yarn, interleave):
+    scaling = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.5} if yarn else None
+    cfg = tiny(q_lora_rank=q_lora_rank, rope_scaling=scaling, rope_interleave=interleave)
+    model = K2ForCausalLM(cfg).eval()
+    randomize_norms_and_bias(model, scale=0.05)
+    prompt = torch.randint(0, 512, (1, 7))
+    steps = 64
+    with torch.no_grad():
+        cache = model.init_cache(1, 7 + steps)
+        assert cache.bytes_per_token() == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+        logits = model(prompt, cache=cache).logits[:, -1]
+        tokens, step_logits = [], []
+        for _ in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+            step_logits.append(logits)
+            logits = model(token, cache=cache).logits[:, -1]
+        assert cache.lengths.tolist() == [7 + steps]
+        # full forward over the generated sequence: same greedy tokens, same logits
+        sequence = torch.cat([prompt] + tokens, dim=1)
+        full = model(sequence).logits[0, 6:-1]
+        assert torch.equal(full.argmax(-1), torch.cat(tokens, 1)[0])
+        torch.testing.assert_close(torch.cat(step_logits), full, atol=1e-4, rtol=0)
+
+
+def test_cache_rows_at_different_lengths():
+    model = K2ForCausalLM(tiny()).eval()
+    randomize_norms_and_bias(model)
+    a = torch.randint(0, 512, (1, 9))
+    b = torch.randint(0, 512, (1, 4))
+    with torch.no_grad():
+        cache = model.init_cache(3, 32)
+        model(b, cache=cache, cache_rows=torch.tensor([2]))  # prefill one request per call, any row
+        model(a, cache=cache, cache_rows=torch.tensor([0]))
+        assert cache.lengths.tolist() == [9, 0, 4]
+        next_tokens = torch.randint(0, 512, (2, 1))
+        both = model(next_tokens, cache=cache, cache_rows=torch.tensor([0, 2])).logits[:, -1]
+        assert cache.lengths.tolist() == [10, 0, 5]
+        ref_a = model(torch.cat([a, next_tokens[:1]], 1)).logits[0, -1]
+        ref_b = model(torch.cat([b, next_tokens[1:]], 1)).logits[0, -1]
+        torch.testing.assert_close(both[0], ref_a, atol=1e-4, rtol=0)
+        torch.testing.assert_close(both[1], ref_b, atol=1e-4, rtol=0)
+        cache.reset([0])
+        assert cache.lengths.tolist() == [0, 0, 5]
+        again = model(a, cache=cache, cache_rows=torch.tensor([0])).logits
+        torch.testing.assert_close(again, model(a).logits, atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="overflow"):
+            model(torch.zeros(1, 30, dtype=torch.long), cache=cache, cache_rows=torch.tensor([0]))
+        with pytest.raises(ValueError, match="cache_rows"):
+            model(next_tokens, cache=cache, cache_rows=torch.tensor([0, 5]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# router and experts
+def test_router_bias_changes_selection_not_weights():
+    cfg = tiny(norm_topk_prob=False)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(64, cfg.hidden_size)
+    idx0, w0, scores = router(x)
+    expected = scores.gather(1, idx0) * cfg.routed_scaling_factor
+    torch.testing.assert_close(w0, expected)
+    with torch.no_grad():
+        router.e_score_correction_bias[3] = 10.0  # expert 3 now always selected
+    idx1, w1, _ = router(x)
+    assert (idx1 == 3).any(dim=1).all()
+    assert not torch.equal(idx0, idx1)
+    # weights are the unbiased scores of whatever was selected
+    torch.testing.assert_close(w1, scores.gather(1, idx1) * cfg.routed_scaling_factor)
+
+
+def test_group_limited_routing_only_picks_from_top_groups():
+    cfg = tiny(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=1.0)
+    x = torch.randn(200, cfg.hidden_size)
+    idx, w, scores = router(x)
+    group_scores = scores.view(200, 4, 2).topk(2, -1).values.sum(-1)
+    allowed = group_scores.topk(2, -1).indices
+    assert ((idx // 2).unsqueeze(-1) == allowed.unsqueeze(1)).any(-1).all()
+    torch.testing.assert_close(w.sum(-1), torch.full((200,), cfg.routed_scaling_factor))  # norm_topk_prob
+
+
+def test_bias_update_moves_skewed_load_toward_uniform():
+    cfg = tiny()
+    model = K2ForCausalLM(cfg).train()
+    routers = model.routers()
+    # Skewed inputs: every token leans along one direction that experts 0 and 1 like.
+    direction = torch.randn(cfg.hidden_size)
+    with torch.no_grad():
+        for router in routers:
+            router.weight.normal_(0, 0.1)
+            router.weight[:2] += 0.1 * direction
+    x = torch.randn(512, cfg.hidden_size) + 0.5 * direction
+
+    def imbalance():
+        with torch.no_grad():
+            for router in routers:
+                router(x)
+        load = model.expert_load()
+        for router in routers:
+            router.load.zero_()
+        return (load.max(dim=1).values / load.mean(dim=1)).mean().item()
+
+    before = imbalance()
+    for _ in range(30):
+        with torch.no_grad():
+            for router in routers:
+                router(x)
+        model.update_router_bias(0.02)
+        assert model.expert_load().sum() == 0  # counts reset
+    after = imbalance()
+    assert before > 3.0, before
+    assert after < 1.5, (before, after)
+    assert routers[0].e_score_correction_bias[:2].max() < 0  # the popular experts were pushed down
+
+
+def naive_experts(module: RoutedExperts, x, topk_idx, topk_weight):
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(topk_idx.shape[1]):
+            e = int(topk_idx[n, j])
+            h = F.silu(x[n] @ module.gate_proj[e].T) * (x[n] @ module.up_proj[e].T)
+            out[n] += topk_weight[n, j] * (h @ module.down_proj[e].T)
+    return out
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm"])
+def test_grouped_dispatch_equals_naive_per_expert_loop(dispatch):
+    if dispatch == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch build")
+    experts = RoutedExperts(6, 24, 40)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    experts.dispatch = dispatch
+    x = torch.randn(33, 24, requires_grad=True)
+    topk_idx = torch.stack([torch.randperm(5)[:3] for _ in range(33)])  # expert 5 never used
+    topk_weight = torch.rand(33, 3)
+    out = experts(x, topk_idx, topk_weight)
+    ref = naive_experts(experts, x, topk_idx, topk_weight)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, experts.gate_proj, experts.down_proj])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, experts.gate_proj, experts.down_proj])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    # bf16 autocast: experts compute in bf16 (output dtype follows the input)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf16 = experts(x.detach(), topk_idx, topk_weight)
+    torch.testing.assert_close(out_bf16, ref.detach(), atol=0.05, rtol=0.05)
+
+
+def test_experts_run_in_bf16_under_autocast():
+    experts = RoutedExperts(4, 16, 32)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    seen = []
+    real = torch._grouped_mm if hasattr(torch, "_grouped_mm") else None
+    x = torch.randn(8, 16)
+    idx, w = torch.randint(0, 4, (8, 2)), torch.rand(8, 2)
+    experts.dispatch = "padded_bmm"
+    hook = torch.overrides.TorchFunctionMode
+
+    class Spy(hook):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.bmm, real):
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+        experts(x, idx, w)
+    assert seen and all(d == torch.bfloat16 for d in seen)
+
+
+def test_sequence_balance_loss_only_when_enabled_and_training():
+    model = K2ForCausalLM(tiny(aux_loss_alpha=0.01, seq_aux=True)).train()
+    ids = torch.randint(0, 512, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, ids) + out.aux_loss)
+    out.loss.backward()
+    assert model.routers()[0].weight.grad.abs().sum() > 0
+    # uniform routing gives f_i = 1 and P_i = 1/E, so the loss is alpha (its minimum for the uniform case)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    E, k = 8, 2
+    scores = torch.ones(1, 8, E)
+    idx = torch.arange(8 * k).remainder(E).view(1, 8, k)
+    torch.testing.assert_close(moe._sequence_balance_loss(scores, idx), torch.tensor(0.01))
+    model.eval()
+    assert model(ids, labels=ids).aux_loss is None
+    assert K2ForCausalLM(tiny()).train()(ids).aux_loss is None  # presets: off
