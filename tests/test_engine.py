@@ -1,0 +1,225 @@
+"""Engine: batched greedy == one-at-a-time == a no-cache argmax loop; seeds; stops; continuous batching."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from openk2.config import K2Config
+from openk2.engine import Engine, GenerationError, SamplingParams, sample_next_tokens
+from openk2.model import K2ForCausalLM
+from openk2.tokenizer import train_tokenizer
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model() -> K2ForCausalLM:
+    torch.manual_seed(1234)
+    # a larger init than the default makes the random model's logits peaked, so argmax ties cannot flip
+    return K2ForCausalLM(K2Config.preset("tiny").replace(initializer_range=0.2)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = "the quick brown fox jumps over the lazy dog; stop here, then go on. " * 20
+    return train_tokenizer([text], vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def ascii_only(tokenizer) -> list[int]:
+    """Ids whose text is not one printable ASCII character: banned where a test needs clean text."""
+    return [i for i in range(tokenizer.vocab_size)
+            if not (len(s := tokenizer.decode([i])) == 1 and s.isascii() and s.isprintable())]
+
+
+def make_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def full_forward_greedy(model, prompt, steps):
+    """Reference: recompute the whole sequence without a cache, take the argmax each time."""
+    ids, logprobs = list(prompt), []
+    for _ in range(steps):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        token = int(torch.argmax(logits))
+        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+def test_greedy_batched_equals_single_and_full_forward(model, tokenizer):
+    prompts = make_prompts([5, 11, 2, 17])
+    params = SamplingParams(max_tokens=24, logprobs=True, **GREEDY)
+    # 4 prompts on 3 rows: the last one waits for a free row, so row reuse is exercised too
+    batched = Engine(model, tokenizer, max_batch_size=3, max_seq_len=64).generate(prompts, params)
+    one_engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=64)
+    for prompt, got in zip(prompts, batched):
+        alone = one_engine.generate([prompt], params)[0]
+        reference, ref_logprobs = full_forward_greedy(model, prompt, 24)
+        assert got.token_ids == alone.token_ids == reference
+        assert got.finish_reason == "length" and got.prompt_tokens == len(prompt)
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref_logprobs), atol=1e-4, rtol=0)
+
+
+def test_seed_reproduces_and_n_samples_differ(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=64)
+    prompt = make_prompts([6])[0]
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=100, max_tokens=16, seed=7, ignore_eos=True)
+    first = engine.generate([prompt], params)[0].token_ids
+    # the same seed, now sharing the batch with other requests
+    crowd = engine.generate([prompt] + make_prompts([3, 9], seed=1), params)
+    assert crowd[0].token_ids == first
+    assert engine.generate([prompt], SamplingParams(**{**params.__dict__, "seed": 8}))[0].token_ids != first
+    two = engine.generate([prompt], SamplingParams(**{**params.__dict__, "n": 2}))
+    assert [c.sample_index for c in two] == [0, 1]
+    assert two[0].token_ids == first and two[1].token_ids != first  # sample i uses seed + i
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]]).repeat(4, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=5.0, top_k=1),
+              SamplingParams(temperature=5.0, top_p=1e-6), SamplingParams(temperature=0, banned_token_ids=[1])]
+    tokens, logprobs = sample_next_tokens(logits, params, gens)
+    assert tokens == [1, 1, 1, 2]
+    assert logprobs[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
+    # top_p 0.6: the two best tokens (≈0.5 + 0.45 mass) stay... only those two can be drawn
+    draws = [sample_next_tokens(logits[:1], [SamplingParams(temperature=1.0, top_p=0.6)],
+                                [torch.Generator().manual_seed(s)])[0][0] for s in range(200)]
+    assert set(draws) == {1, 2}
+    # plain temperature sampling follows softmax(logits / T)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample_next_tokens(logits[:1], [SamplingParams(temperature=2.0)], [g])[0][0]
+                                          for _ in range(3000)]), minlength=5).float() / 3000
+    torch.testing.assert_close(counts, torch.softmax(logits[0] / 2.0, -1), atol=0.03, rtol=0)
+
+
+def test_sampling_params_validation_names_the_field():
+    for bad, field in [(dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
+                       (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(stop=[""]), "stop"),
+                       (dict(seed=1.5), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids")]:
+        with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="x").stop == ["x"]
+
+
+def test_prompt_validation(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="prompt 0: empty"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match=r"not in the vocabulary \[0, 512\)"):
+        engine.generate([[1, 999]])
+    with pytest.raises(ValueError, match="max_seq_len is 16"):
+        engine.generate([list(range(3, 19))])
+    # a prompt near the limit is cut at the cache's end with finish_reason "length"
+    out = engine.generate([list(range(3, 17))], SamplingParams(max_tokens=50, **GREEDY))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 16 - 14 + 1
+
+
+def test_stop_tokens_and_strings(model, tokenizer, ascii_only):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=96)
+    prompt = make_prompts([4])[0]
+    base = dict(temperature=0.0, max_tokens=40, banned_token_ids=ascii_only)
+    full = engine.generate([prompt], SamplingParams(ignore_eos=True, logprobs=True, **base))[0]
+    assert len(full.token_ids) == 40 and full.text == tokenizer.decode(full.token_ids)
+
+    # stop token: its id (and logprob) stay in token_ids, its text is not in text
+    stop_id = full.token_ids[5]
+    first = full.token_ids.index(stop_id)
+    out = engine.generate([prompt], SamplingParams(stop_token_ids=[stop_id], logprobs=True, **base))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:first + 1]
+    assert out.text == tokenizer.decode(full.token_ids[:first]) and len(out.logprobs) == first + 1
+
+    # the tokenizer's [EOS] and <|im_end|> stop by default (unless ignore_eos); banning everything else forces them
+    eos_only = [i for i in range(tokenizer.vocab_size) if i not in (tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>"))]
+    out = engine.generate([prompt], SamplingParams(temperature=1.0, banned_token_ids=eos_only, seed=0))[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) == 1 and out.text == ""
+
+    # stop string: the text is cut before its first occurrence, streamed text never shows a part of it
+    stop = full.text[17:20]
+    cut = full.text.find(stop)
+    handle = engine.submit(prompt, SamplingParams(stop=["@never@", stop], **base))
+    streamed = "".join(delta.text for delta in handle)
+    result = handle.result()
+    assert result.finish_reason == "stop" and result.text == full.text[:cut] == streamed
+    engine.shutdown()
+
+
+def test_continuous_batching_serves_late_arrivals(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=128)
+    params = SamplingParams(max_tokens=60, **GREEDY)
+    short = SamplingParams(max_tokens=8, **GREEDY)
+    prompts = make_prompts([7, 5, 9], seed=3)
+    expected = [engine.generate([p], params if i == 0 else short)[0].token_ids for i, p in enumerate(prompts)]
+    steps_before = engine.stats["decode_steps"]
+
+    long_request = engine.submit(prompts[0], params)
+    stream = iter(long_request)
+    for _ in range(5):  # the long request is decoding...
+        next(stream)
+    late = [engine.submit(p, short) for p in prompts[1:]]  # ...when two more arrive; only one row is free
+    late_results = [h.result(timeout=60) for h in late]
+    assert not long_request.done, "late requests should finish while the long one still decodes"
+    rest = list(stream)
+    assert rest[-1].finish_reason == "length"
+    assert long_request.result().token_ids == expected[0]
+    assert [r.token_ids for r in late_results] == expected[1:]
+    # they shared decode steps: fewer steps than tokens generated
+    assert engine.stats["decode_steps"] - steps_before < 60 + 8 + 8 - 3
+
+    # cancellation frees the row
+    handle = engine.submit(prompts[0], params)
+    next(iter(handle))
+    handle.cancel()
+    assert handle.result(timeout=30).finish_reason == "cancelled"
+    deadline = time.monotonic() + 10
+    while engine.num_active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_active == 0 and sorted(engine._free_rows) == [0, 1]
+    engine.shutdown()
+
+
+def test_submit_from_many_threads(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=64)
+    prompts = make_prompts([3, 4, 5, 6, 7, 8], seed=5)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    expected = [c.token_ids for c in engine.generate(prompts, params)]
+    results: dict[int, list[int]] = {}
+
+    def client(i):
+        results[i] = engine.submit(prompts[i], params).result(timeout=60).token_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(prompts))] == expected
+    engine.shutdown()
+
+
+def test_a_failing_forward_fails_only_its_requests(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=64)
+    prompt = make_prompts([4])[0]
+    real_forward = model.forward
+    calls = {"n": 0}
+
+    def flaky_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step
+            raise RuntimeError("injected fault")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", flaky_forward)
+    handle = engine.submit(prompt, SamplingParams(max_tokens=5, **GREEDY))
+    with pytest.raises(GenerationError, match="injected fault"):
+        handle.result(timeout=30)
+    ok = engine.submit(prompt, SamplingParams(max_tokens=5, **GREEDY)).result(timeout=30)
+    assert len(ok.token_ids) == 5 and engine.stats["failures"] == 1 and sorted(engine._free_rows) == [0, 1]
+    engine.shutdown()
