@@ -1,0 +1,1003 @@
+"""`openk2 plan`: per-GPU memory and step-time planner for a K2-shaped model on N GPUs.
+
+The model of the cluster follows the K2 report (spec §3 "Infrastructure") and Moonlight's distributed Muon
+(spec §2.4). Everything is arithmetic on the config's shapes and on hardware figures given as flags; nothing
+here touches torch. The formulas are written out in docs/planner.md; the short version:
+
+Layout.  world = pp × ep × tp × dp.  A model-parallel group is pp × ep × tp GPUs.
+  * PP: the decoder layers are cut into pp × v contiguous chunks (v = virtual stages, interleaved 1F1B); chunk c
+    lives on pipeline rank c mod pp. The embedding rides with layer 0, the final norm and lm_head with the last
+    layer; chunks are balanced by per-GPU parameter bytes (min-max contiguous partition).
+  * EP: each MoE layer's routed experts are split over ep ranks; the rest of the layer (attention, shared
+    expert, router, norms) is replicated over ep, so the ep ranks act as data parallel for it.
+  * TP (optional, default 1 as in K2): splits every matrix tp ways (experts too) and, with sequence
+    parallelism, the activations.
+  * DP: ZeRO-1. Optimizer states are sharded over dp for expert parameters and over dp × ep for the replicated
+    parameters (they have dp × ep replicas). bf16 weights and the fp32 gradient-accumulation buffer are not.
+
+Memory per GPU (bytes): 2·P (bf16 weights) + 4·P (fp32 grad buffer) + optimizer/shard·(1 − offload)
+  + activations (stored per micro-batch × micro-batches in flight on that pipeline rank) + Newton–Schulz
+  workspace (largest full Muon matrix on the rank) + transient working set (one layer un-saved, all-to-all
+  buffers, logits on the last rank) + a fixed reserve (CUDA context, NCCL, fragmentation).
+
+Step time: the slowest pipeline rank's busy time (compute + whatever communication does not hide behind it)
+× (1 + bubble), plus the optimizer phase (DP reduce-scatter / gathers, Newton–Schulz, state update, offload
+traffic). MFU = model FLOPs / (step time × GPUs × peak bf16 FLOP/s); model FLOPs = 6·N_active·tokens + causal
+attention, recompute not counted.
+
+Units: GB = 1e9 bytes, GB/s = 1e9 bytes/s everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import itertools
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+GB = 1e9
+FP8_TILE_BYTES = 1 + 4 / 128  # FP8-E4M3 element + one fp32 scale per 1×128 tile
+REPORT_PARAMS_GRADS_GB_PER_GPU = 30.0  # K2 report: bf16 params + fp32 grad buffer over 256 GPUs ≈ 6 TB ≈ 30 GB/GPU
+DEFAULT_GLOBAL_BATCH_TOKENS = 2**26  # 67.1M tokens = 16384 sequences of 4096 (spec §3)
+
+
+class PlanError(ValueError):
+    """An impossible layout or option; the message names the flag (or config field) at fault."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs: hardware, layout, training choices
+
+
+@dataclass
+class Hardware:
+    """Per-GPU / per-node hardware figures. Defaults: an H800 SXM node as K2 used (spec §3)."""
+
+    bf16_tflops: float = 989.0  # dense bf16 tensor-core peak per GPU (H800 = H100 SXM compute)
+    matmul_efficiency: float = 0.6  # achieved fraction of peak in the model's GEMMs (grouped expert GEMMs are small)
+    hbm_tb_s: float = 3.35  # HBM3 bandwidth per GPU
+    nvlink_gb_s: float = 200.0  # per direction per GPU (H800 NVLink: 400 GB/s bidirectional)
+    nic_gbit: float = 400.0  # one NIC's line rate (RoCE)
+    nics_per_node: int = 8
+    pcie_gb_s: float = 64.0  # PCIe Gen5 x16 per direction
+    comm_efficiency: float = 0.8  # achieved fraction of every link's bandwidth in collectives and copies
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    host_mem_gb: float = 2048.0  # per node (K2: 2 TB)
+
+    @property
+    def peak_flops(self) -> float:
+        return self.bf16_tflops * 1e12
+
+    @property
+    def nic_bytes_s_per_gpu(self) -> float:
+        return self.nic_gbit / 8 * 1e9 * self.nics_per_node / self.gpus_per_node * self.comm_efficiency
+
+    @property
+    def nvlink_bytes_s(self) -> float:
+        return self.nvlink_gb_s * 1e9 * self.comm_efficiency
+
+    @property
+    def pcie_bytes_s(self) -> float:
+        return self.pcie_gb_s * 1e9 * self.comm_efficiency
+
+    @property
+    def hbm_bytes_s(self) -> float:
+        return self.hbm_tb_s * 1e12
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the GPUs are used. virtual_stages = model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+
+    pp: int = 1
+    ep: int = 1
+    tp: int = 1
+    dp: int = 1
+    virtual_stages: int = 1
+    micro_batch: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.pp * self.ep * self.tp * self.dp
+
+    def short(self) -> str:
+        parts = [f"PP{self.pp}" + (f"(v{self.virtual_stages})" if self.virtual_stages > 1 else ""),
+                 f"EP{self.ep}", f"DP{self.dp}"]
+        if self.tp > 1:
+            parts.insert(2, f"TP{self.tp}")
+        return "×".join(parts) + f" mb{self.micro_batch}"
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The report's memory/time choices (spec §3), each switchable, plus optimizer and schedule figures."""
+
+    recompute: bool = True  # selective: RMSNorm, SwiGLU, MLA up-projections, MoE down-projections
+    fp8_activations: bool = True  # FP8-E4M3 storage of MoE up-proj inputs and SwiGLU inputs (1×128 tiles)
+    activation_offload: bool = True  # the remaining stored activations go to host memory by a copy engine
+    optimizer_offload: float = 0.0  # fraction of (sharded) optimizer state kept in host memory
+    optimizer: str = "muonclip"  # or "adamw" (the ZeRO-1 baseline)
+    master_weights: bool = True  # fp32 master copy in the optimizer state (mixed precision)
+    seq_len: int = 4096
+    global_batch_tokens: int = DEFAULT_GLOBAL_BATCH_TOKENS
+    extra_warmup: int = 0  # extra warm-up micro-batches (K2 uses more to overlap EP all-to-all)
+    ep_overlap: float = 0.8  # fraction of the EP all-to-all time that can hide behind compute
+    a2a_bytes: float = 2.0  # bytes per element on the wire for dispatch/combine (bf16)
+    offload_window: int = 2  # layer-micro-batches of activations kept on GPU when offloading (current + prefetch)
+    reserve_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model geometry: what one decoder layer costs, from the config's fields and cfg.param_counts()
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    index: int
+    is_moe: bool
+    replicated_params: float  # attention + dense MLP or shared expert + router + norms (split by tp only)
+    expert_params: float  # all routed experts of the layer (split over ep × tp)
+    adamw_params: float  # the part of replicated_params kept by AdamW under MuonClip (norms, embed, lm_head)
+    flops_per_token: float  # forward + backward model FLOPs for one token through this layer
+    muon_shapes: tuple[tuple[int, int], ...]  # full (rows, cols) of the replicated Muon matrices
+    expert_shapes: tuple[tuple[int, int], ...]  # (rows, cols) of ONE routed expert's matrices
+
+
+@dataclass
+class Geometry:
+    """Per-layer costs for one config, plus the dims the activation model needs."""
+
+    cfg: Any
+    counts: dict[str, float]
+    layers: list[LayerCost]
+    hidden: int
+    vocab: int
+    n_experts: int
+    top_k: int
+    moe_inter: int
+    shared_inter: int
+    dense_inter: int
+    heads: int
+    qk_head: int
+    v_head: int
+    q_lora: int  # 0 when q_lora_rank is None
+    kv_lora: int
+    rope_dim: int
+    embed_params: float
+    head_params: float  # final norm + lm_head
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Causal attention, forward + backward: 3 × (2·heads·(qk_head + v_head) · seq/2)."""
+        return 3.0 * self.heads * (self.qk_head + self.v_head) * seq_len
+
+    def head_flops_per_token(self) -> float:
+        return 6.0 * self.hidden * self.vocab
+
+    def model_flops_per_token(self, seq_len: int) -> float:
+        attention = self.attention_flops_per_token(seq_len) * self.num_layers
+        return sum(layer.flops_per_token for layer in self.layers) + attention + self.head_flops_per_token()
+
+
+def geometry(cfg: Any) -> Geometry:
+    """Build per-layer costs from a K2Config (fields + `param_counts()`)."""
+    counts = {k: float(v) for k, v in cfg.param_counts().items()}
+    for key in ("embed", "lm_head", "attention_per_layer", "dense_mlp_per_layer", "routed_expert",
+                "shared_experts_per_layer", "router_per_layer", "norms", "total", "active"):
+        if key not in counts:
+            raise PlanError(f"cfg.param_counts() has no {key!r} entry (openk2/config.py contract)")
+    layers_n = int(cfg.num_hidden_layers)
+    n_dense = int(cfg.first_k_dense_replace)
+    n_experts, top_k = int(cfg.n_routed_experts), int(cfg.num_experts_per_tok)
+    hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
+    q_lora = int(cfg.q_lora_rank or 0)
+    kv_lora, rope = int(cfg.kv_lora_rank), int(cfg.qk_rope_head_dim)
+    qk_head = int(cfg.qk_nope_head_dim) + rope
+    v_head = int(cfg.v_head_dim)
+    moe_inter, dense_inter = int(cfg.moe_intermediate_size), int(cfg.intermediate_size)
+    shared_inter = moe_inter * int(cfg.n_shared_experts or 0)
+    # The final norm is one H-vector; the rest of `norms` is spread evenly over the layers.
+    final_norm = float(hidden)
+    norms_per_layer = (counts["norms"] - final_norm) / layers_n
+    # q_a / kv_a RMSNorm gains are inside attention_per_layer; under MuonClip they are AdamW parameters too.
+    adamw_per_layer = norms_per_layer + q_lora + int(cfg.kv_lora_rank)
+
+    attention_shapes = [(heads * qk_head, q_lora), (q_lora, hidden)] if q_lora else [(heads * qk_head, hidden)]
+    attention_shapes += [(kv_lora + rope, hidden), (heads * (int(cfg.qk_nope_head_dim) + v_head), kv_lora),
+                         (hidden, heads * v_head)]
+    layers = []
+    for i in range(layers_n):
+        attention = counts["attention_per_layer"]
+        if i < n_dense:
+            mlp = counts["dense_mlp_per_layer"]
+            layers.append(LayerCost(
+                index=i, is_moe=False, replicated_params=attention + mlp + norms_per_layer, expert_params=0.0,
+                adamw_params=adamw_per_layer, flops_per_token=6.0 * (attention + mlp),
+                muon_shapes=tuple(attention_shapes + [(dense_inter, hidden)] * 2 + [(hidden, dense_inter)]),
+                expert_shapes=()))
+        else:
+            shared, router = counts["shared_experts_per_layer"], counts["router_per_layer"]
+            expert = counts["routed_expert"]
+            shared_shapes = [(shared_inter, hidden)] * 2 + [(hidden, shared_inter)] if shared_inter else []
+            layers.append(LayerCost(
+                index=i, is_moe=True, replicated_params=attention + shared + router + norms_per_layer,
+                expert_params=n_experts * expert, adamw_params=adamw_per_layer,
+                flops_per_token=6.0 * (attention + shared + router + top_k * expert),
+                muon_shapes=tuple(attention_shapes + shared_shapes + [(n_experts, hidden)]),
+                expert_shapes=((moe_inter, hidden), (moe_inter, hidden), (hidden, moe_inter))))
+    return Geometry(
+        cfg=cfg, counts=counts, layers=layers, hidden=hidden, vocab=int(cfg.vocab_size), n_experts=n_experts,
+        top_k=top_k, moe_inter=moe_inter, shared_inter=shared_inter, dense_inter=dense_inter, heads=heads,
+        qk_head=qk_head, v_head=v_head, q_lora=q_lora, kv_lora=kv_lora, rope_dim=rope,
+        embed_params=counts["embed"], head_params=counts["lm_head"] + final_norm)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pipeline partition
+
+
+def layer_gpu_params(geo: Geometry, layer: LayerCost, ep: int, tp: int) -> float:
+    """Parameters one GPU holds for this layer (embedding / lm_head included on the first / last layer)."""
+    params = layer.replicated_params / tp + layer.expert_params / (ep * tp)
+    if layer.index == 0:
+        params += geo.embed_params / tp
+    if layer.index == geo.num_layers - 1:
+        params += geo.head_params / tp
+    return params
+
+
+def partition_layers(costs: Sequence[float], chunks: int) -> list[list[int]]:
+    """Split layer indices into `chunks` contiguous non-empty runs minimising the largest run's cost.
+
+    The optimum is one of the contiguous sums, so binary-search those with a greedy feasibility check.
+    """
+    n = len(costs)
+    if not 1 <= chunks <= n:
+        raise PlanError(f"cannot cut {n} layers into {chunks} pipeline chunks (--pp × --virtual-stages)")
+    prefix = list(itertools.accumulate(costs, initial=0.0))
+    candidates = sorted({prefix[j] - prefix[i] for i in range(n) for j in range(i + 1, n + 1)})
+
+    def greedy(limit: float) -> list[list[int]] | None:
+        runs: list[list[int]] = [[]]
+        total = 0.0
+        for i, cost in enumerate(costs):
+            if cost > limit * (1 + 1e-12):
+                return None
+            if runs[-1] and total + cost > limit * (1 + 1e-12):
+                runs.append([])
+                total = 0.0
+            runs[-1].append(i)
+            total += cost
+        return runs if len(runs) <= chunks else None
+
+    lo = bisect.bisect_left(candidates, max(costs))
+    hi = len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if greedy(candidates[mid]) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    runs = greedy(candidates[lo])
+    assert runs is not None
+    while len(runs) < chunks:  # split the longest run: never raises the maximum
+        longest = max(range(len(runs)), key=lambda r: len(runs[r]))
+        run = runs[longest]
+        half = len(run) // 2
+        runs[longest:longest + 1] = [run[:half], run[half:]]
+    return runs
+
+
+def rank_layers(geo: Geometry, layout: Layout) -> list[list[list[int]]]:
+    """For each pipeline rank, its chunks (lists of layer indices) in schedule order."""
+    key = (layout.pp, layout.virtual_stages, layout.ep, layout.tp)
+    if key not in geo._cache:
+        costs = [layer_gpu_params(geo, layer, layout.ep, layout.tp) for layer in geo.layers]
+        runs = partition_layers(costs, layout.pp * layout.virtual_stages)
+        geo._cache[key] = [[runs[c] for c in range(r, len(runs), layout.pp)] for r in range(layout.pp)]
+    return geo._cache[key]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Activations: bytes stored per token per layer for the backward pass
+
+
+def activation_bytes_per_token(geo: Geometry, is_moe: bool, recompute: bool, fp8: bool) -> dict[str, float]:
+    """Stored activation bytes per token for one decoder layer (bf16 unless noted), by category.
+
+    Flash-style attention: only q, k, v, the output and the fp32 log-sum-exp are kept, not the score matrix.
+    Selective recompute drops RMSNorm outputs, MLA up-projection outputs (q, k, v), SwiGLU outputs and routed
+    MoE down-projection outputs (needed for the routing-weight gradient). FP8 storage shrinks the dispatched
+    MoE up-projection inputs and every SwiGLU input (gate and up outputs) to 1 byte + fp32 scale per 128.
+    """
+    h, bf16 = geo.hidden, 2.0
+    fp8_or_bf16 = FP8_TILE_BYTES if fp8 else bf16
+    out = {
+        "residual stream (block inputs)": 2 * h * bf16,
+        "RMSNorm outputs": 0.0 if recompute else (2 * h + geo.q_lora + geo.kv_lora) * bf16,
+        "MLA down-projection outputs": (geo.q_lora + geo.kv_lora + geo.rope_dim) * bf16,
+        "MLA up-projection outputs (q, k, v)":
+            0.0 if recompute else geo.heads * (2 * geo.qk_head + geo.v_head) * bf16,
+        "attention output + LSE": geo.heads * geo.v_head * bf16 + geo.heads * 4.0,
+    }
+    if is_moe:
+        swiglu_width = geo.top_k * geo.moe_inter + geo.shared_inter
+        out["router scores (fp32)"] = geo.n_experts * 4.0
+        out["MoE up-projection inputs"] = geo.top_k * h * fp8_or_bf16
+        out["SwiGLU inputs"] = 2 * swiglu_width * fp8_or_bf16
+        out["SwiGLU outputs"] = 0.0 if recompute else swiglu_width * bf16
+        out["MoE down-projection outputs"] = 0.0 if recompute else geo.top_k * h * bf16
+    else:
+        out["SwiGLU inputs"] = 2 * geo.dense_inter * fp8_or_bf16
+        out["SwiGLU outputs"] = 0.0 if recompute else geo.dense_inter * bf16
+    return out
+
+
+def recompute_costs_per_token(geo: Geometry, is_moe: bool, recompute: bool, fp8: bool) -> tuple[float, float]:
+    """(extra matmul FLOPs, extra HBM bytes) per token per layer that recompute and FP8 storage cost.
+
+    Matmuls re-run: the MLA up-projections (q_b_proj, kv_b_proj) and the routed down-projections. Memory-bound
+    work: RMSNorm and SwiGLU re-run (read inputs, write outputs) and FP8 quantize + dequantize (≈ 6 bytes moved
+    per stored element).
+    """
+    flops = hbm = 0.0
+    swiglu_width = (geo.top_k * geo.moe_inter + geo.shared_inter) if is_moe else geo.dense_inter
+    if recompute:
+        flops += 2.0 * geo.heads * (geo.qk_head * geo.q_lora + (geo.qk_head - geo.rope_dim + geo.v_head) * geo.kv_lora)
+        if is_moe:
+            flops += 2.0 * geo.top_k * geo.moe_inter * geo.hidden
+        hbm += 4.0 * (2 * geo.hidden + geo.q_lora + geo.kv_lora)  # RMSNorm: read + write bf16
+        hbm += 6.0 * swiglu_width  # SwiGLU: read 2 inputs, write 1 output, bf16
+    if fp8:
+        stored = 2 * swiglu_width + (geo.top_k * geo.hidden if is_moe else 0)
+        hbm += 6.0 * stored
+    return flops, hbm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class RankPlan:
+    """Memory (bytes) and time (seconds) of one pipeline rank (every ep/tp/dp peer of it is alike)."""
+
+    rank: int
+    layers: list[int]
+    params: float
+    memory: dict[str, float]
+    host_bytes: float
+    compute_s: float
+    busy_s: float
+    times: dict[str, float]
+
+    @property
+    def total_memory(self) -> float:
+        return sum(self.memory.values())
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    choices: Choices
+    hardware: Hardware
+    micro_batches: int  # per pipeline per step
+    ranks: list[RankPlan]
+    worst: RankPlan  # the pipeline rank with the largest GPU memory
+    step_s: float
+    time_breakdown: dict[str, float]
+    model_flops_per_step: float
+    mfu: float
+    tokens_per_s: float
+    unique_params_grads_bytes: float  # bf16 + fp32 of every parameter once
+    mean_params_grads_bytes: float  # per GPU, averaged over pipeline ranks (replicas included)
+    host_bytes_per_node: float
+    dp_comm_ratio_vs_adamw: float
+    fits: bool
+    reasons: list[str]
+    notes: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "layout": dataclasses.asdict(self.layout), "gpus": self.layout.gpus,
+            "choices": dataclasses.asdict(self.choices), "micro_batches": self.micro_batches,
+            "memory_gb": {k: v / GB for k, v in self.worst.memory.items()},
+            "peak_gpu_memory_gb": self.worst.total_memory / GB, "worst_pp_rank": self.worst.rank,
+            "mean_params_grads_gb": self.mean_params_grads_bytes / GB,
+            "unique_params_grads_tb": self.unique_params_grads_bytes / 1e12,
+            "host_gb_per_node": self.host_bytes_per_node / GB,
+            "step_s": self.step_s, "time_s": self.time_breakdown, "mfu": self.mfu,
+            "tokens_per_s": self.tokens_per_s, "dp_comm_ratio_vs_adamw": self.dp_comm_ratio_vs_adamw,
+            "fits": self.fits, "reasons": self.reasons,
+        }
+
+
+def validate(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware) -> int:
+    """Raise PlanError naming the flag for an impossible layout; return micro-batches per pipeline per step."""
+    for name, value in (("--pp", layout.pp), ("--ep", layout.ep), ("--tp", layout.tp), ("dp", layout.dp),
+                        ("--virtual-stages", layout.virtual_stages), ("--micro-batch", layout.micro_batch),
+                        ("--seq-len", choices.seq_len)):
+        if value < 1:
+            raise PlanError(f"{name} must be ≥ 1, got {value}")
+    if layout.pp * layout.virtual_stages > geo.num_layers:
+        raise PlanError(f"--pp {layout.pp} × --virtual-stages {layout.virtual_stages} = "
+                        f"{layout.pp * layout.virtual_stages} pipeline chunks, but the model has "
+                        f"{geo.num_layers} layers (num_hidden_layers); each chunk needs at least one layer")
+    if layout.virtual_stages > 1 and layout.pp == 1:
+        raise PlanError("--virtual-stages > 1 needs --pp > 1 (interleaving is a pipeline schedule)")
+    if geo.n_experts % layout.ep:
+        raise PlanError(f"--ep {layout.ep} does not divide n_routed_experts = {geo.n_experts}")
+    if geo.heads % layout.tp:
+        raise PlanError(f"--tp {layout.tp} does not divide num_attention_heads = {geo.heads}")
+    if layout.tp > hw.gpus_per_node:
+        raise PlanError(f"--tp {layout.tp} exceeds --gpus-per-node {hw.gpus_per_node} (TP needs NVLink)")
+    if not 0.0 <= choices.optimizer_offload <= 1.0:
+        raise PlanError(f"--opt-offload must be in [0, 1], got {choices.optimizer_offload}")
+    if choices.optimizer not in ("muonclip", "adamw"):
+        raise PlanError(f"--optimizer must be muonclip or adamw, got {choices.optimizer!r}")
+    if choices.global_batch_tokens % choices.seq_len:
+        raise PlanError(f"--global-batch-tokens {choices.global_batch_tokens} is not a multiple of "
+                        f"--seq-len {choices.seq_len}")
+    sequences = choices.global_batch_tokens // choices.seq_len
+    per_step = layout.dp * layout.ep * layout.micro_batch  # data replicas × micro-batch size
+    if sequences % per_step:
+        raise PlanError(f"--global-batch-tokens {choices.global_batch_tokens} = {sequences} sequences is not "
+                        f"divisible by dp {layout.dp} × --ep {layout.ep} × --micro-batch {layout.micro_batch} "
+                        f"= {per_step} (each data replica needs whole micro-batches)")
+    micro_batches = sequences // per_step
+    if layout.virtual_stages > 1 and micro_batches % layout.pp:
+        raise PlanError(f"interleaved 1F1B needs the micro-batch count per pipeline ({micro_batches}) to be a "
+                        f"multiple of --pp {layout.pp}; change --global-batch-tokens or --micro-batch, "
+                        f"or use --virtual-stages 1")
+    return micro_batches
+
+
+def in_flight(layout: Layout, rank: int, micro_batches: int, extra_warmup: int) -> float:
+    """Micro-batch-sized activation sets a pipeline rank holds at its peak, in units of 'all its layers'.
+
+    1F1B (v = 1): warm-up pp − r − 1, so pp − r micro-batches are in flight on rank r.
+    Interleaved (Megatron): warm-up 2·(pp − r − 1) + (v − 1)·pp chunk-forwards, + 1 in flight, each holding
+    one chunk (1/v of the rank's layers).
+    """
+    pp, v = layout.pp, layout.virtual_stages
+    if v == 1:
+        return float(min(pp - rank + extra_warmup, micro_batches))
+    chunk_forwards = min(2 * (pp - rank - 1) + (v - 1) * pp + 1 + extra_warmup, micro_batches * v)
+    return chunk_forwards / v
+
+
+@dataclass
+class _RankStatics:
+    """What a pipeline rank's layers add up to, independent of dp, micro-batch and offload choices."""
+
+    rank: int
+    layers: list[int]
+    first: bool
+    last: bool
+    replicated: float  # per-GPU parameters with dp × ep replicas (attention, dense/shared MLP, router, norms, ...)
+    experts: float  # per-GPU routed-expert parameters (dp replicas)
+    adamw: float  # the AdamW part of `replicated` under MuonClip
+    act_per_token: dict[str, float]  # stored activation bytes per token, summed over the rank's layers
+    largest_layer_act: float  # stored bytes per token of its largest layer
+    full_layer_act: float  # un-saved (no recompute, no FP8) bytes per token of its largest layer
+    n_moe: int
+    flops_per_token: float  # model FLOPs (forward + backward) for the rank's layers (+ lm_head)
+    extra_flops_per_token: float  # recompute matmul FLOPs
+    extra_hbm_per_token: float  # recompute / FP8 conversion HBM bytes
+    ns_flops: float  # Newton–Schulz FLOPs for the rank's full Muon matrices (experts: its ep share)
+    ns_workspace: float  # bytes for Newton–Schulz on the rank's largest full Muon matrix
+
+
+def _rank_statics(geo: Geometry, layout: Layout, recompute: bool, fp8: bool, seq_len: int) -> list[_RankStatics]:
+    key = ("statics", layout.pp, layout.virtual_stages, layout.ep, layout.tp, recompute, fp8, seq_len)
+    if key in geo._cache:
+        return geo._cache[key]
+    ep, tp = layout.ep, layout.tp
+    act = {kind: activation_bytes_per_token(geo, kind, recompute, fp8) for kind in (False, True)}
+    full = {kind: sum(activation_bytes_per_token(geo, kind, False, False).values()) for kind in (False, True)}
+    extra = {kind: recompute_costs_per_token(geo, kind, recompute, fp8) for kind in (False, True)}
+    attention_flops = geo.attention_flops_per_token(seq_len)
+    statics = []
+    for rank, chunks in enumerate(rank_layers(geo, layout)):
+        ids = [i for chunk in chunks for i in chunk]
+        layers = [geo.layers[i] for i in ids]
+        first, last = 0 in ids, geo.num_layers - 1 in ids
+        replicated = sum(l.replicated_params for l in layers) / tp
+        adamw = sum(l.adamw_params for l in layers) / tp
+        extra_params = (geo.embed_params if first else 0.0) + (geo.head_params if last else 0.0)
+        act_per_token: dict[str, float] = {}
+        for layer in layers:
+            for name, b in act[layer.is_moe].items():
+                act_per_token[name] = act_per_token.get(name, 0.0) + b / tp
+        ns_flops = 0.0
+        for l in layers:
+            ns_flops += sum(_ns_flops(r, c) for r, c in l.muon_shapes)
+            ns_flops += sum(_ns_flops(r, c) for r, c in l.expert_shapes) * geo.n_experts / (ep * tp)
+        shapes = [s for l in layers for s in l.muon_shapes + l.expert_shapes]
+        statics.append(_RankStatics(
+            rank=rank, layers=ids, first=first, last=last, replicated=replicated + extra_params / tp,
+            experts=sum(l.expert_params for l in layers) / (ep * tp), adamw=adamw + extra_params / tp,
+            act_per_token=act_per_token,
+            largest_layer_act=max(sum(act[l.is_moe].values()) for l in layers) / tp,
+            full_layer_act=max(full[l.is_moe] for l in layers) / tp,
+            n_moe=sum(l.is_moe for l in layers),
+            flops_per_token=(sum(l.flops_per_token + attention_flops for l in layers)
+                             + (geo.head_flops_per_token() if last else 0.0)) / tp,
+            extra_flops_per_token=sum(extra[l.is_moe][0] for l in layers) / tp,
+            extra_hbm_per_token=sum(extra[l.is_moe][1] for l in layers) / tp,
+            ns_flops=ns_flops, ns_workspace=max(_ns_workspace(r, c) for r, c in shapes)))
+    geo._cache[key] = statics
+    return statics
+
+
+def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hardware = Hardware()) -> Plan:
+    """Memory per GPU and step time for one layout. Raises PlanError for impossible layouts."""
+    geo = cfg_or_geo if isinstance(cfg_or_geo, Geometry) else geometry(cfg_or_geo)
+    micro_batches = validate(geo, layout, choices, hw)
+    pp, ep, tp, dp, v = layout.pp, layout.ep, layout.tp, layout.dp, layout.virtual_stages
+    tokens_mb = layout.micro_batch * choices.seq_len  # tokens per micro-batch per data replica
+    tokens_rank = micro_batches * tokens_mb  # tokens each GPU's pipeline sees per step (÷ tp is in the statics)
+    muon = choices.optimizer == "muonclip"
+    master = 4.0 if choices.master_weights else 0.0
+    muon_state, adam_state = 4.0 + master, 8.0 + master  # bytes/param: momentum | 2 moments (+ fp32 master)
+    compute_rate = hw.peak_flops * hw.matmul_efficiency
+
+    # Where the EP group's peers sit: tp innermost, then ep, in the rank order.
+    ep_in_node = max(1, min(ep, hw.gpus_per_node // tp))
+    ep_nvlink_share = (ep_in_node - 1) / (ep - 1) if ep > 1 else 0.0
+    mp_in_one_node = pp * ep * tp <= hw.gpus_per_node
+
+    ranks: list[RankPlan] = []
+    for st in _rank_statics(geo, layout, choices.recompute, choices.fp8_activations, choices.seq_len):
+        params = st.replicated + st.experts
+        if muon:
+            replicated_muon, expert_muon = st.replicated - st.adamw, st.experts
+            # ZeRO-1: replicated parameters have dp × ep replicas to shard over, expert parameters dp.
+            optimizer_bytes = (replicated_muon * muon_state + st.adamw * adam_state) / (dp * ep)
+            optimizer_bytes += st.experts * muon_state / dp
+        else:
+            replicated_muon = expert_muon = 0.0
+            optimizer_bytes = st.replicated * adam_state / (dp * ep) + st.experts * adam_state / dp
+
+        # Activations: per micro-batch over this rank's layers, times what the schedule keeps in flight.
+        stored_per_mb = sum(st.act_per_token.values()) * tokens_mb
+        stored = stored_per_mb * in_flight(layout, st.rank, micro_batches, choices.extra_warmup)
+        if choices.activation_offload:
+            gpu_acts = min(stored, choices.offload_window * st.largest_layer_act * tokens_mb)
+        else:
+            gpu_acts = stored
+
+        # Transient: one layer's full (un-saved) activations while it runs or recomputes, the all-to-all
+        # send/recv buffers, and the logits + fp32 loss workspace on the last rank.
+        transient = st.full_layer_act * tokens_mb
+        if st.n_moe and ep > 1:
+            transient += 2 * tokens_mb * geo.top_k * geo.hidden * choices.a2a_bytes / tp
+        if st.last:
+            transient += tokens_mb * geo.vocab / tp * (2.0 + 4.0)
+
+        ns_workspace = st.ns_workspace if muon else 0.0
+        memory = {
+            "bf16 weights": 2.0 * params,
+            "fp32 grad buffer": 4.0 * params,
+            "optimizer states (GPU part)": optimizer_bytes * (1 - choices.optimizer_offload),
+            "activations (GPU-resident)": gpu_acts,
+            "Newton–Schulz workspace": ns_workspace,
+            "transient working set": transient,
+            "reserve": choices.reserve_gb * GB,
+        }
+        host = optimizer_bytes * choices.optimizer_offload + (stored - gpu_acts)
+
+        # ---- this rank's time in the pipelined part of the step (all micro-batches)
+        compute = (tokens_rank * (st.flops_per_token + st.extra_flops_per_token) / compute_rate
+                   + tokens_rank * st.extra_hbm_per_token / hw.hbm_bytes_s)
+        a2a = 0.0
+        if ep > 1 and st.n_moe:  # dispatch + combine, forward and backward, of top_k copies of each token
+            a2a_bytes = tokens_rank / tp * st.n_moe * 4 * geo.top_k * geo.hidden * choices.a2a_bytes * (ep - 1) / ep
+            a2a = max(a2a_bytes * ep_nvlink_share / hw.nvlink_bytes_s,
+                      a2a_bytes * (1 - ep_nvlink_share) / hw.nic_bytes_s_per_gpu)
+        a2a_exposed = a2a - min(choices.ep_overlap * a2a, compute)
+        p2p = 0.0
+        if pp > 1:  # one activation forward and one gradient backward per chunk per micro-batch
+            p2p_bytes = micro_batches * v * 2 * tokens_mb * geo.hidden * 2.0 / tp
+            p2p = p2p_bytes / (hw.nvlink_bytes_s if mp_in_one_node else hw.nic_bytes_s_per_gpu)
+        p2p_exposed = max(0.0, p2p - compute)  # decoupled weight-gradient compute hides it otherwise
+        offload = 2 * stored_per_mb * micro_batches / hw.pcie_bytes_s if choices.activation_offload else 0.0
+        offload_exposed = max(0.0, offload - compute)
+
+        # ---- optimizer phase (after the pipeline drains; counted as exposed)
+        # ZeRO-1 AdamW moves fp32 reduce-scatter + all-gather (spec §2.4 accounting: 4 + 4 B/param); MuonClip adds
+        # a bf16 DP-gather of the momentum-updated gradient of every Muon parameter (2 B/param).
+        share_r = (dp * ep - 1) / (dp * ep)
+        share_e = (dp - 1) / dp
+        dp_bytes_adamw = 8.0 * (st.replicated * share_r + st.experts * share_e)
+        dp_bytes = dp_bytes_adamw + 2.0 * (replicated_muon * share_r + expert_muon * share_e)
+        dp_time = dp_bytes / hw.nic_bytes_s_per_gpu
+        tp_gather = (replicated_muon + expert_muon) * 2.0 * (tp - 1) / hw.nvlink_bytes_s
+        ns_time = st.ns_flops / compute_rate if muon else 0.0
+        shard_params = st.replicated / (dp * ep) + st.experts / dp
+        state_per_param = optimizer_bytes / shard_params if shard_params else 0.0
+        update_time = shard_params * (2 * state_per_param + 4.0 + 2.0) / hw.hbm_bytes_s
+        opt_offload_time = 2 * optimizer_bytes * choices.optimizer_offload / hw.pcie_bytes_s
+
+        times = {
+            "compute (incl. recompute)": compute, "EP all-to-all (total)": a2a, "EP all-to-all exposed": a2a_exposed,
+            "PP send/recv (total)": p2p, "PP send/recv exposed": p2p_exposed,
+            "activation offload PCIe (total)": offload, "activation offload exposed": offload_exposed,
+            "DP reduce-scatter + gathers": dp_time + tp_gather, "DP bytes": dp_bytes,
+            "DP bytes AdamW": dp_bytes_adamw, "Newton–Schulz": ns_time, "optimizer update": update_time,
+            "optimizer offload PCIe": opt_offload_time,
+        }
+        ranks.append(RankPlan(rank=st.rank, layers=st.layers, params=params, memory=memory, host_bytes=host,
+                              compute_s=compute, busy_s=compute + a2a_exposed + p2p_exposed + offload_exposed,
+                              times=times))
+
+    slowest = max(ranks, key=lambda r: r.busy_s)
+    steady = slowest.busy_s
+    bubble = steady * (pp - 1) / (v * micro_batches)  # interleaved 1F1B: (pp − 1) / (v · m) of the ideal time
+    optimizer_parts = ("DP reduce-scatter + gathers", "Newton–Schulz", "optimizer update", "optimizer offload PCIe")
+    optimizer_phase = max(sum(r.times[k] for k in optimizer_parts) for r in ranks)
+    step = steady + bubble + optimizer_phase
+    time_breakdown = {
+        "compute (slowest pipeline rank)": slowest.compute_s,
+        "EP all-to-all exposed": slowest.times["EP all-to-all exposed"],
+        "PP send/recv exposed": slowest.times["PP send/recv exposed"],
+        "activation offload exposed": slowest.times["activation offload exposed"],
+        "pipeline bubble": bubble,
+    }
+    slowest_optimizer = max(ranks, key=lambda r: sum(r.times[k] for k in optimizer_parts))
+    time_breakdown.update({k: slowest_optimizer.times[k] for k in optimizer_parts})
+    tokens = tokens_rank * dp * ep
+    model_flops = tokens * geo.model_flops_per_token(choices.seq_len)
+    mfu = model_flops / (step * layout.gpus * hw.peak_flops)
+    worst = max(ranks, key=lambda r: r.total_memory)
+    host_per_node = max(r.host_bytes for r in ranks) * min(hw.gpus_per_node, layout.gpus)
+    dp_adamw = sum(r.times["DP bytes AdamW"] for r in ranks)
+    dp_ratio = sum(r.times["DP bytes"] for r in ranks) / dp_adamw if dp_adamw else 1.0
+
+    reasons, notes = [], []
+    if worst.total_memory > hw.gpu_mem_gb * GB:
+        reasons.append(f"GPU memory {worst.total_memory / GB:.1f} GB on pipeline rank {worst.rank} > "
+                       f"{hw.gpu_mem_gb:g} GB")
+    if host_per_node > hw.host_mem_gb * GB:
+        reasons.append(f"host memory {host_per_node / GB:.0f} GB per node > {hw.host_mem_gb:g} GB")
+    if micro_batches < pp:
+        notes.append(f"only {micro_batches} micro-batches for {pp} pipeline stages: the pipeline never fills")
+    if slowest.times["activation offload exposed"] > 0:
+        notes.append("activation offload is PCIe-bound (not hidden behind compute)")
+    params_grads = [r.memory["bf16 weights"] + r.memory["fp32 grad buffer"] for r in ranks]
+    return Plan(
+        layout=layout, choices=choices, hardware=hw, micro_batches=micro_batches, ranks=ranks, worst=worst,
+        step_s=step, time_breakdown=time_breakdown, model_flops_per_step=model_flops, mfu=mfu,
+        tokens_per_s=tokens / step, unique_params_grads_bytes=6.0 * geo.counts["total"],
+        mean_params_grads_bytes=sum(params_grads) / len(params_grads), host_bytes_per_node=host_per_node,
+        dp_comm_ratio_vs_adamw=dp_ratio, fits=not reasons, reasons=reasons, notes=notes)
+
+
+def _ns_workspace(rows: int, cols: int) -> float:
+    """Bytes to orthogonalise one full matrix: gathered fp32 G, two bf16 iterates X, bf16 A = X Xᵀ and B."""
+    return rows * cols * (4 + 2 + 2) + 2 * min(rows, cols) ** 2 * 2
+
+
+def _ns_flops(rows: int, cols: int, steps: int = 5) -> float:
+    """Quintic Newton–Schulz on an r×c matrix (r ≤ c after the transpose): per step X Xᵀ, A², B X."""
+    r, c = min(rows, cols), max(rows, cols)
+    return steps * (4.0 * r * r * c + 2.0 * r**3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --fit: search layouts for a cluster
+
+
+@dataclass
+class FitResult:
+    fitting: list[Plan]  # best first: fewest GPUs, then highest MFU
+    rejected: dict[str, int]  # reason category -> number of candidates
+    closest_misses: dict[int, Plan]  # GPU count -> the lowest-memory candidate that did not fit
+    evaluated: int
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fit(cfg_or_geo: Any, hw: Hardware, max_gpus: int, base: Choices = Choices(),
+        pp_options: Iterable[int] | None = None, tp_options: Iterable[int] = (1,),
+        micro_batches: Iterable[int] = (1, 2), virtual_options: Iterable[int] = (1, 2, 4),
+        offload_grid: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> FitResult:
+    """Search PP/EP/TP/DP/virtual-stages/micro-batch and recompute/FP8/offload choices for ≤ max_gpus GPUs.
+
+    GPU counts are whole nodes (or a part of one node). For each layout and on/off choice of recompute, FP8
+    storage and activation offload, the smallest optimizer-offload fraction on the grid that fits is taken (more
+    offload only costs time); it is solved for directly from the plan without offload.
+    """
+    geo = cfg_or_geo if isinstance(cfg_or_geo, Geometry) else geometry(cfg_or_geo)
+    if pp_options is None:
+        pp_options = [p for p in (1, 2, 4, 8, 16, 32, 64) if p <= geo.num_layers]
+    offload_grid = sorted(offload_grid)
+    capacity = hw.gpu_mem_gb * GB
+    fitting: list[Plan] = []
+    rejected: dict[str, int] = {}
+    misses: dict[int, Plan] = {}
+    evaluated = 0
+    toggles = list(itertools.product((True, False), repeat=3))
+    invalid = "invalid layout (pp × v > layers, batch not divisible into micro-batches, or v > 1 with pp = 1)"
+
+    def reject(category: str, candidate: Plan) -> None:
+        rejected[category] = rejected.get(category, 0) + 1
+        miss = misses.get(candidate.layout.gpus)
+        if miss is None or candidate.worst.total_memory < miss.worst.total_memory:
+            misses[candidate.layout.gpus] = candidate
+
+    for pp, tp in itertools.product(pp_options, tp_options):
+        for ep in _divisors(geo.n_experts):
+            mp = pp * ep * tp
+            if mp > max_gpus:
+                break
+            for dp in range(1, max_gpus // mp + 1):
+                gpus = mp * dp
+                if gpus > hw.gpus_per_node and gpus % hw.gpus_per_node:
+                    continue  # whole nodes only beyond one node
+                for v, mb in itertools.product(virtual_options, micro_batches):
+                    layout = Layout(pp=pp, ep=ep, tp=tp, dp=dp, virtual_stages=v, micro_batch=mb)
+                    try:
+                        validate(geo, layout, base, hw)
+                    except PlanError:
+                        rejected[invalid] = rejected.get(invalid, 0) + 1
+                        continue
+                    for recompute, fp8, act_offload in toggles:
+                        choices = dataclasses.replace(base, recompute=recompute, fp8_activations=fp8,
+                                                      activation_offload=act_offload, optimizer_offload=0.0)
+                        candidate = plan(geo, layout, choices, hw)
+                        evaluated += 1
+                        if not candidate.fits:
+                            needed = _offload_needed(candidate, capacity)
+                            offload = next((f for f in offload_grid if f >= needed - 1e-12), None)
+                            if offload is None:  # record the most-offloaded plan: it is the closest miss
+                                most = dataclasses.replace(choices, optimizer_offload=offload_grid[-1])
+                                reject("GPU memory even with the most optimizer offload", plan(geo, layout, most, hw))
+                                continue
+                            candidate = plan(geo, layout, dataclasses.replace(choices, optimizer_offload=offload),
+                                             hw)
+                            evaluated += 1
+                        if candidate.fits:
+                            fitting.append(candidate)
+                        else:
+                            reject("host memory per node" if candidate.host_bytes_per_node > hw.host_mem_gb * GB
+                                   else "GPU memory", candidate)
+    fitting.sort(key=lambda p: (p.layout.gpus, -p.mfu))
+    return FitResult(fitting=fitting, rejected=rejected, closest_misses=misses, evaluated=evaluated)
+
+
+def _offload_needed(p: Plan, capacity: float) -> float:
+    """Smallest optimizer-offload fraction that brings every pipeline rank under `capacity` (inf if none)."""
+    needed = 0.0
+    for r in p.ranks:
+        over = r.total_memory - capacity
+        if over > 0:
+            optimizer = r.memory["optimizer states (GPU part)"] / (1 - p.choices.optimizer_offload)
+            needed = max(needed, over / optimizer if optimizer > 0 else math.inf)
+    return needed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _choices_text(c: Choices) -> str:
+    on = [name for name, flag in (("recompute", c.recompute), ("fp8-acts", c.fp8_activations),
+                                  ("act-offload", c.activation_offload)) if flag]
+    if c.optimizer_offload:
+        on.append(f"opt-offload {c.optimizer_offload:.0%}")
+    return ", ".join(on) or "none"
+
+
+def render_plan(p: Plan, console: Any) -> None:
+    from rich.table import Table
+
+    layout, c, hw = p.layout, p.choices, p.hardware
+    console.print(f"[bold]Layout[/bold] {layout.short()} on {layout.gpus} GPUs "
+                  f"({hw.gpu_mem_gb:g} GB each, {hw.gpus_per_node}/node); optimizer {c.optimizer}; "
+                  f"seq {c.seq_len}, global batch {c.global_batch_tokens / 1e6:.1f}M tokens = "
+                  f"{p.micro_batches} micro-batches per pipeline; choices: {_choices_text(c)}")
+    table = Table(title=f"Per-GPU memory (GB) by pipeline rank; worst = rank {p.worst.rank}")
+    table.add_column("component")
+    shown = p.ranks if len(p.ranks) <= 6 else sorted({0, p.worst.rank, len(p.ranks) - 1} | {len(p.ranks) // 2})
+    shown_ranks = [p.ranks[i] for i in sorted(set(shown))] if len(p.ranks) > 6 else p.ranks
+    for r in shown_ranks:
+        table.add_column(f"rank {r.rank}\nlayers {r.layers[0]}–{r.layers[-1]} ({len(r.layers)})", justify="right")
+    for name in p.worst.memory:
+        table.add_row(name, *(f"{r.memory[name] / GB:.2f}" for r in shown_ranks))
+    table.add_row("[bold]total[/bold]", *(f"[bold]{r.total_memory / GB:.2f}[/bold]" for r in shown_ranks))
+    table.add_row("host memory (offloaded)", *(f"{r.host_bytes / GB:.2f}" for r in shown_ranks))
+    console.print(table)
+    console.print(f"bf16 params + fp32 grad buffer: {p.unique_params_grads_bytes / 1e12:.2f} TB for the unique "
+                  f"parameters; per GPU {p.mean_params_grads_bytes / GB:.1f} GB on average "
+                  f"(non-expert parameters replicated over EP; K2 report: ≈ {REPORT_PARAMS_GRADS_GB_PER_GPU:g} GB)")
+    console.print(f"host memory per node: {p.host_bytes_per_node / GB:.0f} GB of {hw.host_mem_gb:g} GB")
+
+    times = Table(title="Estimated step time")
+    times.add_column("part")
+    times.add_column("seconds", justify="right")
+    times.add_column("share", justify="right")
+    for name, seconds in p.time_breakdown.items():
+        times.add_row(name, f"{seconds:.2f}", f"{seconds / p.step_s:.1%}")
+    times.add_row("[bold]step[/bold]", f"[bold]{p.step_s:.2f}[/bold]", "100%")
+    console.print(times)
+    slowest = max(p.ranks, key=lambda r: r.busy_s)
+    console.print(f"EP all-to-all {slowest.times['EP all-to-all (total)']:.2f} s per step on the slowest rank, "
+                  f"{slowest.times['EP all-to-all exposed']:.2f} s exposed; "
+                  f"DP traffic MuonClip / ZeRO-1 AdamW = {p.dp_comm_ratio_vs_adamw:.3f}×")
+    console.print(f"[bold]MFU {p.mfu:.1%}[/bold]  ({p.tokens_per_s / 1e6:.2f}M tokens/s, "
+                  f"{p.tokens_per_s / layout.gpus:.0f} tokens/s/GPU; peak {hw.bf16_tflops:g} TFLOP/s bf16, "
+                  f"GEMM efficiency {hw.matmul_efficiency:.0%})")
+    for note in p.notes:
+        console.print(f"note: {note}")
+    verdict = "[green]fits[/green]" if p.fits else "[red]does not fit[/red]: " + "; ".join(p.reasons)
+    console.print(f"verdict: {verdict}")
+
+
+def render_fit(result: FitResult, hw: Hardware, max_gpus: int, top: int, console: Any) -> None:
+    from rich.table import Table
+
+    def plan_table(title: str, plans: list[Plan]) -> Table:
+        table = Table(title=title)
+        for col in ("GPUs", "layout", "choices", "GPU GB", "host GB/node", "step s", "MFU"):
+            table.add_column(col, justify="left" if col in ("layout", "choices") else "right")
+        for p in plans:
+            table.add_row(str(p.layout.gpus), p.layout.short(), _choices_text(p.choices),
+                          f"{p.worst.total_memory / GB:.1f}", f"{p.host_bytes_per_node / GB:.0f}",
+                          f"{p.step_s:.1f}", f"{p.mfu:.1%}")
+        return table
+
+    console.print(f"searched {result.evaluated} plans for ≤ {max_gpus} GPUs of {hw.gpu_mem_gb:g} GB "
+                  f"({hw.gpus_per_node} per node, {hw.host_mem_gb:g} GB host memory per node)")
+    if not result.fitting:
+        console.print("[red]no layout fits[/red]")
+    else:
+        smallest = result.fitting[0].layout.gpus
+        console.print(plan_table(f"Smallest layouts that fit: {smallest} GPUs, by MFU",
+                                 [p for p in result.fitting if p.layout.gpus == smallest][:top]))
+        best_per_count: dict[int, Plan] = {}
+        for p in result.fitting:
+            best_per_count.setdefault(p.layout.gpus, p)
+        larger = sorted(best_per_count.values(), key=lambda p: p.layout.gpus)[1:]
+        if larger:
+            console.print(plan_table("Best layout at each larger GPU count", larger[-top:]))
+    smallest = result.fitting[0].layout.gpus if result.fitting else max_gpus + 1
+    console.print("why the others don't:")
+    for reason, n in sorted(result.rejected.items(), key=lambda kv: -kv[1]):
+        console.print(f"  {n} candidates: {reason}")
+    for gpus in sorted(g for g in result.closest_misses if g < smallest)[-5:]:
+        miss = result.closest_misses[gpus]
+        console.print(f"  {gpus} GPUs: nothing fits; closest {miss.layout.short()} with "
+                      f"{_choices_text(miss.choices)}: {'; '.join(miss.reasons)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def load_config(preset: str | None, config_path: str | None) -> Any:
+    from openk2.config import K2Config
+
+    if config_path:
+        return K2Config.from_json(config_path)
+    return K2Config.preset(preset or "k2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openk2 plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="k2", help="K2Config preset")
+    src.add_argument("--config", help="a config.json instead of a preset")
+    p.add_argument("--gpus", type=int, default=256, help="GPUs in the job (or the cluster size with --fit)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    p.add_argument("--pp", type=int, default=16, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=16, help="expert-parallel size")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--virtual-stages", type=int, default=None,
+                   help="model chunks per pipeline rank (interleaved 1F1B); default 2 when possible, else 1")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--global-batch-tokens", type=int, default=DEFAULT_GLOBAL_BATCH_TOKENS)
+    p.add_argument("--optimizer", choices=("muonclip", "adamw"), default="muonclip")
+    p.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="fp32 master weights in the optimizer state")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                   help="selective recompute of RMSNorm, SwiGLU, MLA up-projections, MoE down-projections")
+    p.add_argument("--fp8-acts", action=argparse.BooleanOptionalAction, default=True,
+                   help="FP8-E4M3 storage of MoE up-projection and SwiGLU inputs (1×128 tiles, fp32 scales)")
+    p.add_argument("--act-offload", action=argparse.BooleanOptionalAction, default=True,
+                   help="offload the remaining activations to host memory")
+    p.add_argument("--opt-offload", type=float, default=0.0, help="fraction of optimizer state in host memory")
+    p.add_argument("--extra-warmup", type=int, default=0, help="extra warm-up micro-batches in the PP schedule")
+    p.add_argument("--ep-overlap", type=float, default=0.8, help="fraction of EP all-to-all hidden by compute")
+    p.add_argument("--reserve-gb", type=float, default=4.0, help="per-GPU reserve (CUDA context, NCCL, fragments)")
+    hwg = p.add_argument_group("hardware (defaults: H800 SXM nodes, 8×400 Gbps RoCE)")
+    hwg.add_argument("--bf16-tflops", type=float, default=989.0)
+    hwg.add_argument("--matmul-efficiency", type=float, default=0.6, help="achieved fraction of peak in GEMMs")
+    hwg.add_argument("--hbm-tb-s", type=float, default=3.35)
+    hwg.add_argument("--nvlink-gb-s", type=float, default=200.0, help="per direction per GPU")
+    hwg.add_argument("--nic-gbit", type=float, default=400.0)
+    hwg.add_argument("--nics-per-node", type=int, default=8)
+    hwg.add_argument("--pcie-gb-s", type=float, default=64.0)
+    hwg.add_argument("--comm-efficiency", type=float, default=0.8)
+    hwg.add_argument("--gpus-per-node", type=int, default=8)
+    hwg.add_argument("--host-mem-gb", type=float, default=2048.0, help="per node")
+    p.add_argument("--fit", action="store_true", help="search the layouts that fit --gpus GPUs of --gpu-mem-gb")
+    p.add_argument("--top", type=int, default=8, help="layouts to list with --fit")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=130)
+    try:
+        cfg = load_config(args.preset, args.config)
+        hw = Hardware(bf16_tflops=args.bf16_tflops, matmul_efficiency=args.matmul_efficiency,
+                      hbm_tb_s=args.hbm_tb_s, nvlink_gb_s=args.nvlink_gb_s, nic_gbit=args.nic_gbit,
+                      nics_per_node=args.nics_per_node, pcie_gb_s=args.pcie_gb_s,
+                      comm_efficiency=args.comm_efficiency, gpus_per_node=args.gpus_per_node,
+                      gpu_mem_gb=args.gpu_mem_gb, host_mem_gb=args.host_mem_gb)
+        for name, value in (("--matmul-efficiency", hw.matmul_efficiency), ("--comm-efficiency",
+                                                                            hw.comm_efficiency)):
+            if not 0 < value <= 1:
+                raise PlanError(f"{name} must be in (0, 1], got {value}")
+        if not 0 <= args.ep_overlap <= 1:
+            raise PlanError(f"--ep-overlap must be in [0, 1], got {args.ep_overlap}")
+        if args.gpus < 1:
+            raise PlanError(f"--gpus must be ≥ 1, got {args.gpus}")
+        choices = Choices(recompute=args.recompute, fp8_activations=args.fp8_acts,
+                          activation_offload=args.act_offload, optimizer_offload=args.opt_offload,
+                          optimizer=args.optimizer, master_weights=args.master_weights, seq_len=args.seq_len,
+                          global_batch_tokens=args.global_batch_tokens, extra_warmup=args.extra_warmup,
+                          ep_overlap=args.ep_overlap, reserve_gb=args.reserve_gb)
+        geo = geometry(cfg)
+        if args.fit:
+            result = fit(geo, hw, args.gpus, choices, tp_options=(args.tp,))
+            if args.json:
+                print(json.dumps({"fitting": [p.summary() for p in result.fitting[:args.top]],
+                                  "rejected": result.rejected, "evaluated": result.evaluated}, indent=1))
+            else:
+                render_fit(result, hw, args.gpus, args.top, console)
+            return 0 if result.fitting else 1
+        mp = args.pp * args.ep * args.tp
+        if args.gpus % mp:
+            raise PlanError(f"--gpus {args.gpus} is not divisible by --pp {args.pp} × --ep {args.ep} × "
+                            f"--tp {args.tp} = {mp}")
+        virtual = args.virtual_stages
+        layout = Layout(pp=args.pp, ep=args.ep, tp=args.tp, dp=args.gpus // mp, micro_batch=args.micro_batch,
+                        virtual_stages=virtual or 1)
+        if virtual is None and args.pp > 1:
+            try:  # interleave when the layer count and micro-batch count allow it
+                result_plan = plan(geo, dataclasses.replace(layout, virtual_stages=2), choices, hw)
+            except PlanError:
+                result_plan = plan(geo, layout, choices, hw)
+        else:
+            result_plan = plan(geo, layout, choices, hw)
+        if args.json:
+            print(json.dumps(result_plan.summary(), indent=1))
+        else:
+            render_plan(result_plan, console)
+        return 0
+    except (PlanError, FileNotFoundError) as err:
+        print(f"openk2 plan: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
