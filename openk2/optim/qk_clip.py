@@ -202,9 +202,9 @@ def _clip_one(t: AttentionTarget, max_logits: Tensor, tau: float) -> Tensor:
     if t.kind == "mla":
         q = m.q_b_proj if getattr(m, "q_b_proj", None) is not None else m.q_proj
         return clip_mla_(q.weight, m.kv_b_proj.weight, max_logits, tau, num_heads=t.num_heads,
-                         qk_nope_head_dim=int(_attr(m, "qk_nope_head_dim")),
-                         qk_rope_head_dim=int(_attr(m, "qk_rope_head_dim")),
-                         v_head_dim=int(_attr(m, "v_head_dim")))
+                         qk_nope_head_dim=int(_attr(m, "qk_nope_head_dim", "nope_dim")),
+                         qk_rope_head_dim=int(_attr(m, "qk_rope_head_dim", "rope_dim")),
+                         v_head_dim=int(_attr(m, "v_head_dim", "v_dim")))
     kv_heads = int(_attr(m, "num_kv_heads", "num_key_value_heads", "n_kv_heads") or t.num_heads)
     head_dim = int(_attr(m, "head_dim") or m.q_proj.weight.shape[0] // t.num_heads)
     return clip_mha_(m.q_proj.weight, m.k_proj.weight, max_logits, tau, num_heads=t.num_heads,
