@@ -300,3 +300,64 @@ def test_sequence_balance_loss_only_when_enabled_and_training():
     model.eval()
     assert model(ids, labels=ids).aux_loss is None
     assert K2ForCausalLM(tiny()).train()(ids).aux_loss is None  # presets: off
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with transformers' DeepseekV3ForCausalLM (fp32), through the in-memory key adapter
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+PARITY_CONFIGS = {
+    "qlora_groups_dense2_yarn": dict(q_lora_rank=32, n_group=2, topk_group=1, first_k_dense_replace=2,
+                                     num_hidden_layers=3, rope_scaling=YARN, norm_topk_prob=True),
+    "noqlora_dense0_plain_unnormed": dict(q_lora_rank=None, first_k_dense_replace=0, num_hidden_layers=2,
+                                          rope_scaling=None, norm_topk_prob=False, rope_interleave=False,
+                                          attention_bias=True, routed_scaling_factor=1.7),
+    "qlora_4groups_yarn_attention_factor": dict(
+        q_lora_rank=24, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
+        rope_scaling={**YARN, "factor": 8.0, "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 8.0},
+        qk_nope_head_dim=12, qk_rope_head_dim=4, v_head_dim=20, kv_lora_rank=24, n_shared_experts=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
+def test_parity_with_transformers_deepseek_v3(name):
+    transformers = pytest.importorskip("transformers")
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from openk2.checkpoint import load_hf_state_dict, to_hf_state_dict
+
+    cfg = tiny(**PARITY_CONFIGS[name], initializer_range=0.1)
+    hf_fields = {k: v for k, v in cfg.to_dict().items() if k != "model_type"}
+    theirs = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**hf_fields)).eval()
+    with torch.no_grad():
+        for param_name, p in theirs.named_parameters():
+            if "norm" in param_name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif param_name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+        # Router biases drawn in [0, 0.2): non-negative, so every kept-group expert's score + bias is > 0. Older
+        # transformers fill unselected groups with 0 instead of -inf; with these biases that fill can never
+        # outrank a kept expert, so the selection is the same under either convention.
+        for buffer_name, b in theirs.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.rand_like(b))
+    released = revert_weight_conversion(theirs, theirs.state_dict())  # per-expert released key names
+    ours = K2ForCausalLM(cfg).eval()
+    load_hf_state_dict(ours, released)
+    # the adapter maps back to exactly the same released tensors
+    back = to_hf_state_dict(ours)
+    assert back.keys() == released.keys()
+    assert all(torch.equal(back[k], released[k]) for k in back)
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids).logits
+        ours.set_record_max_logits(True)
+        got_explicit = ours(ids).logits
+    assert expected.abs().max() > 0.5  # logits large enough for 1e-4 to mean something
+    assert (expected - got).abs().max() <= 1e-4
+    assert (expected - got_explicit).abs().max() <= 1e-4
+    # the loss matches transformers' too
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, labels=ids).loss, theirs(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
