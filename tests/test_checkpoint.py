@@ -592,3 +592,45 @@ def test_our_save_then_transformers_load(tmp_path, config_name):
         expected, got = ours(ids).logits, theirs(ids).logits
     assert expected.abs().max() > 0.1
     assert (expected - got).abs().max() <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory: loading holds one copy of the weights, saving one shard's worth on top of the model
+# --------------------------------------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, re, sys, torch
+    from openk2 import checkpoint
+
+    def status_kib(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+    # warm-up: the first meta-device model pulls in ~70 MB of torch's Python meta kernels, once per process
+    from openk2.config import K2Config
+    checkpoint._build_empty_model(K2Config.preset("tiny"), torch.float32, torch.device("cpu"))
+    before = status_kib("VmRSS")
+    model = checkpoint.load_pretrained(sys.argv[1])
+    load_growth = (status_kib("VmHWM") - before) * 1024
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark
+    before = status_kib("VmRSS")
+    checkpoint.save_pretrained(model, sys.argv[2], max_shard_size="16MB")
+    save_growth = (status_kib("VmHWM") - before) * 1024
+    print(json.dumps({"weights": weights, "load_growth": load_growth, "save_growth": save_growth}))
+""")
+
+
+def test_peak_memory_of_load_and_save(tmp_path):
+    from openk2.model import K2ForCausalLM
+
+    source = save_pretrained(K2ForCausalLM(K2Config.preset("small")), tmp_path / "small", max_shard_size="16MB")
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(source), str(tmp_path / "again")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    weights = figures["weights"]  # ~114 MB in fp32
+    # One copy of the weights plus at most one mapped shard (16 MB) and one tensor in flight; two copies would
+    # be >= 2x. Saving adds one shard's worth (plus the tensor that overflows it), not a copy of the model.
+    assert figures["load_growth"] < 1.4 * weights, figures
+    assert figures["save_growth"] < 0.4 * weights, figures
