@@ -380,6 +380,8 @@ class RankPlan:
     compute_s: float
     busy_s: float
     times: dict[str, float]
+    activations_per_micro_batch: float = 0.0  # stored bytes for one micro-batch through all the rank's layers
+    in_flight: float = 0.0  # micro-batches' worth of activations held at the schedule's peak
 
     @property
     def total_memory(self) -> float:
@@ -406,6 +408,7 @@ class Plan:
     fits: bool
     reasons: list[str]
     notes: list[str]
+    geo: Geometry = field(repr=False, default=None)  # type: ignore[assignment]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -571,7 +574,8 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
 
         # Activations: per micro-batch over this rank's layers, times what the schedule keeps in flight.
         stored_per_mb = sum(st.act_per_token.values()) * tokens_mb
-        stored = stored_per_mb * in_flight(layout, st.rank, micro_batches, choices.extra_warmup)
+        n_in_flight = in_flight(layout, st.rank, micro_batches, choices.extra_warmup)
+        stored = stored_per_mb * n_in_flight
         if choices.activation_offload:
             gpu_acts = min(stored, choices.offload_window * st.largest_layer_act * tokens_mb)
         else:
@@ -639,7 +643,7 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
         }
         ranks.append(RankPlan(rank=st.rank, layers=st.layers, params=params, memory=memory, host_bytes=host,
                               compute_s=compute, busy_s=compute + a2a_exposed + p2p_exposed + offload_exposed,
-                              times=times))
+                              times=times, activations_per_micro_batch=stored_per_mb, in_flight=n_in_flight))
 
     slowest = max(ranks, key=lambda r: r.busy_s)
     steady = slowest.busy_s
@@ -680,7 +684,7 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
         step_s=step, time_breakdown=time_breakdown, model_flops_per_step=model_flops, mfu=mfu,
         tokens_per_s=tokens / step, unique_params_grads_bytes=6.0 * geo.counts["total"],
         mean_params_grads_bytes=sum(params_grads) / len(params_grads), host_bytes_per_node=host_per_node,
-        dp_comm_ratio_vs_adamw=dp_ratio, fits=not reasons, reasons=reasons, notes=notes)
+        dp_comm_ratio_vs_adamw=dp_ratio, fits=not reasons, reasons=reasons, notes=notes, geo=geo)
 
 
 def _ns_workspace(rows: int, cols: int) -> float:
@@ -801,6 +805,17 @@ def _choices_text(c: Choices) -> str:
     return ", ".join(on) or "none"
 
 
+def _ranges(ids: list[int]) -> str:
+    """[0, 31, 32] -> '0, 31–32': a pipeline rank's chunks."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
+
+
 def render_plan(p: Plan, console: Any) -> None:
     from rich.table import Table
 
@@ -814,7 +829,7 @@ def render_plan(p: Plan, console: Any) -> None:
     shown = p.ranks if len(p.ranks) <= 6 else sorted({0, p.worst.rank, len(p.ranks) - 1} | {len(p.ranks) // 2})
     shown_ranks = [p.ranks[i] for i in sorted(set(shown))] if len(p.ranks) > 6 else p.ranks
     for r in shown_ranks:
-        table.add_column(f"rank {r.rank}\nlayers {r.layers[0]}–{r.layers[-1]} ({len(r.layers)})", justify="right")
+        table.add_column(f"rank {r.rank}\nlayers {_ranges(r.layers)}", justify="right")
     for name in p.worst.memory:
         table.add_row(name, *(f"{r.memory[name] / GB:.2f}" for r in shown_ranks))
     table.add_row("[bold]total[/bold]", *(f"[bold]{r.total_memory / GB:.2f}[/bold]" for r in shown_ranks))
@@ -823,7 +838,13 @@ def render_plan(p: Plan, console: Any) -> None:
     console.print(f"bf16 params + fp32 grad buffer: {p.unique_params_grads_bytes / 1e12:.2f} TB for the unique "
                   f"parameters; per GPU {p.mean_params_grads_bytes / GB:.1f} GB on average "
                   f"(non-expert parameters replicated over EP; K2 report: ≈ {REPORT_PARAMS_GRADS_GB_PER_GPU:g} GB)")
+    w = p.worst
+    console.print(f"activations on rank {w.rank}: {w.activations_per_micro_batch / GB:.2f} GB stored per micro-batch "
+                  f"of {layout.micro_batch}×{c.seq_len} tokens through its {len(w.layers)} layers, "
+                  f"{w.in_flight:g} micro-batches in flight "
+                  f"({'interleaved 1F1B' if layout.virtual_stages > 1 else '1F1B'})")
     console.print(f"host memory per node: {p.host_bytes_per_node / GB:.0f} GB of {hw.host_mem_gb:g} GB")
+    render_activation_choices(p, console)
 
     times = Table(title="Estimated step time")
     times.add_column("part")
@@ -844,6 +865,27 @@ def render_plan(p: Plan, console: Any) -> None:
         console.print(f"note: {note}")
     verdict = "[green]fits[/green]" if p.fits else "[red]does not fit[/red]: " + "; ".join(p.reasons)
     console.print(f"verdict: {verdict}")
+
+
+def render_activation_choices(p: Plan, console: Any) -> None:
+    """Stored activations of one MoE layer for one micro-batch, by category, under the report's choices."""
+    from rich.table import Table
+
+    tokens = p.layout.micro_batch * p.choices.seq_len / p.layout.tp
+    columns = [("no savings", False, False), ("+ recompute", True, False), ("+ recompute + FP8", True, True)]
+    per_column = [activation_bytes_per_token(p.geo, True, rc, f8) for _, rc, f8 in columns]
+    table = Table(title=f"Stored activations of one MoE layer, one micro-batch ({tokens:g} tokens per GPU), GB")
+    table.add_column("category")
+    for name, rc, f8 in columns:
+        chosen = (rc, f8) == (p.choices.recompute, p.choices.fp8_activations)
+        table.add_column(f"[bold]{name} (chosen)[/bold]" if chosen else name, justify="right")
+    for category in per_column[0]:
+        table.add_row(category, *(f"{col[category] * tokens / GB:.3f}" for col in per_column))
+    table.add_row("[bold]total[/bold]", *(f"{sum(col.values()) * tokens / GB:.3f}" for col in per_column))
+    console.print(table)
+    if p.choices.activation_offload:
+        console.print(f"activation offload: {p.choices.offload_window} layer-micro-batches stay on the GPU, the rest "
+                      f"goes to host memory over PCIe and is prefetched for the backward pass")
 
 
 def render_fit(result: FitResult, hw: Hardware, max_gpus: int, top: int, console: Any) -> None:
