@@ -103,6 +103,34 @@ def _render_arguments(arguments: Any, where: str) -> str:
     raise ChatFormatError(f"{where}: expected a JSON string or an object, got {type(arguments).__name__}")
 
 
+class _CallIdAssigner:
+    """K2 call ids for a dialog's tool calls, in order (the convention in `render_chat`'s docstring)."""
+
+    def __init__(self):
+        self.next_index = 0  # dialog-global: one past the largest index so far, and at least the call count
+
+    def assign(self, client_id: Any, function_name: str) -> str:
+        canonical = CANONICAL_CALL_ID_RE.fullmatch(client_id) if isinstance(client_id, str) else None
+        if canonical and canonical["name"] == function_name:
+            index, rendered = int(canonical["idx"]), client_id  # K2-shaped (e.g. our own parsed output): verbatim
+        else:
+            index = self.next_index
+            rendered = f"functions.{function_name}:{index}"
+        self.next_index = max(self.next_index + 1, index + 1)
+        return rendered
+
+
+def next_tool_call_index(messages: Sequence[dict]) -> int:
+    """IDX that the next tool call of this dialog gets (e.g. to force ``functions.NAME:IDX`` in a prompt)."""
+    ids = _CallIdAssigner()
+    for msg in messages:
+        if isinstance(msg, dict) and msg.get("role") == "assistant":
+            for call in msg.get("tool_calls") or []:
+                fn = call.get("function") if isinstance(call, dict) else None
+                ids.assign(call.get("id"), fn.get("name") if isinstance(fn, dict) else "")
+    return ids.next_index
+
+
 def chat_segments(
     messages: Sequence[dict],
     tools: Sequence[dict] | None = None,
@@ -133,7 +161,7 @@ def chat_segments(
     if first_role != "system":
         turn(IM_SYSTEM, "system", DEFAULT_SYSTEM_PROMPT)
 
-    call_counter = 0  # dialog-global index of tool calls (paper's definition)
+    call_ids = _CallIdAssigner()
     id_map: dict[str, str] = {}  # client call id -> rendered K2 call id
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
@@ -182,14 +210,9 @@ def chat_segments(
                     raise ChatFormatError(f"{cwhere}.function.name: {fname!r} is not among the declared tools")
                 args = _render_arguments(call["function"].get("arguments"), f"{cwhere}.function.arguments")
                 client_id = call.get("id")
-                canonical = CANONICAL_CALL_ID_RE.fullmatch(client_id) if isinstance(client_id, str) else None
-                if canonical and canonical["name"] == fname:
-                    rendered_id = client_id  # already K2-shaped (e.g. parsed from our own output): keep verbatim
-                else:
-                    rendered_id = f"functions.{fname}:{call_counter}"
+                rendered_id = call_ids.assign(client_id, fname)
                 if isinstance(client_id, str) and client_id:
                     id_map[client_id] = rendered_id
-                call_counter += 1
                 segs.extend(
                     [
                         Segment(TOOL_CALL_BEGIN, True, True),
@@ -211,8 +234,9 @@ def render_chat(messages: Sequence[dict], tools: Sequence[dict] | None = None, *
     """The K2 chat template as one string.
 
     Tool-call ids: an id already of the form ``functions.NAME:IDX`` (NAME = the call's function) is kept as is;
-    any other id (e.g. OpenAI ``call_abc``) is rendered as ``functions.NAME:IDX`` with IDX the dialog-global,
-    0-based count of tool calls before it, and `tool` messages that reference it are rewritten to match.
+    any other id (e.g. OpenAI ``call_abc``) is rendered as ``functions.NAME:IDX`` with IDX a dialog-global counter
+    (0-based count of the calls before it, the paper's definition; bumped past any larger verbatim IDX so ids stay
+    unique), and `tool` messages that reference it are rewritten to match. See `next_tool_call_index`.
     """
     return "".join(s.text for s in chat_segments(messages, tools, add_generation_prompt=add_generation_prompt))
 

@@ -178,16 +178,43 @@ class _TiktokenBackend:
             self.id_bytes[rank] = token
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        if len(text) <= MAX_SAME_CLASS_RUN:  # the common case: nothing to split
+            return self.enc.encode_ordinary(text)
+        pieces = _split_like_released_k2(text)
+        return [i for ids in self.enc.encode_ordinary_batch(pieces, num_threads=1) for i in ids]
 
     def encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts, num_threads=max(1, min(8, os.cpu_count() or 1)))
+        if all(len(t) <= MAX_SAME_CLASS_RUN for t in texts):
+            return self.enc.encode_ordinary_batch(texts, num_threads=max(1, min(8, os.cpu_count() or 1)))
+        return [self.encode_ordinary(t) for t in texts]
 
     def __getstate__(self):
         return {"mergeable_ranks": self.mergeable_ranks, "pat_str": self.pat_str, "name": self.name}
 
     def __setstate__(self, state):
         self.__init__(state["mergeable_ranks"], state["pat_str"], state["name"])
+
+
+# The released tokenization_kimi.py encodes text in chunks of <= 400k characters and cuts runs of more than 25k
+# consecutive whitespace or non-whitespace characters (tiktoken's BPE is quadratic in the piece length). Same cuts
+# here, found with a regex instead of a Python loop over every character.
+MAX_ENCODE_CHARS = 400_000
+MAX_SAME_CLASS_RUN = 25_000
+_LONG_RUN_RE = re.compile(r"\s{%d,}|\S{%d,}" % (MAX_SAME_CLASS_RUN + 1, MAX_SAME_CLASS_RUN + 1))
+
+
+def _split_like_released_k2(text: str) -> list[str]:
+    pieces: list[str] = []
+    for chunk_start in range(0, len(text), MAX_ENCODE_CHARS):
+        chunk = text[chunk_start : chunk_start + MAX_ENCODE_CHARS]
+        start = 0
+        for run in _LONG_RUN_RE.finditer(chunk):
+            # Cut every MAX_SAME_CLASS_RUN characters from the start of the over-long run.
+            for cut in range(run.start() + MAX_SAME_CLASS_RUN, run.end(), MAX_SAME_CLASS_RUN):
+                pieces.append(chunk[start:cut])
+                start = cut
+        pieces.append(chunk[start:])
+    return pieces
 
 
 def read_tiktoken_model(path: str | os.PathLike) -> dict[bytes, int]:

@@ -10,6 +10,7 @@ from openk2.chat import (
     ChatFormatError,
     StreamingToolCallParser,
     encode_chat,
+    next_tool_call_index,
     parse_assistant_output,
     render_chat,
 )
@@ -55,6 +56,10 @@ def test_tool_call_ids_are_dialog_global_and_results_follow_them():
     ]
     assert f"{CB}functions.f:5{CA}{{}}{CE}" in render_chat(msgs)
     assert "## Return of functions.f:5\nok" in render_chat(msgs)
+    # The counter continues past the largest index seen, so a later OpenAI-style id cannot collide.
+    assert next_tool_call_index(msgs) == 6 and next_tool_call_index(case["messages"]) == 3
+    later = msgs + [{"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": "f", "arguments": "{}"}}]}]
+    assert f"{CB}functions.f:6{CA}" in render_chat(later)
 
 
 def test_generation_prompt_and_no_bos():

@@ -206,6 +206,13 @@ def test_tiktoken_directory(tmp_path):
     text = "the <|im_end|> 你好 😀"
     assert tk.decode(tk.encode(text)) == text
     assert tk.encode(text, allow_special=True)[2] == base + 2
+    # Released-tokenizer chunking: runs of > 25k same-class characters are cut every 25k characters.
+    long_run = "a" + "th" * 30_000 + " the"
+    pieces = [long_run[:25_000], long_run[25_000:50_000], long_run[50_000:]]
+    assert tk.encode(long_run) == [i for p in pieces for i in tk.encode(p)]
+    assert len(tk.encode(long_run)) == len(tk._backend.enc.encode_ordinary(long_run)) + 2  # the cuts split 2 "th"
+    assert tk.encode_batch([long_run, "the"]) == [tk.encode(long_run), [ranks[b"the"]]]
+    assert tk.decode(tk.encode(long_run)) == long_run
     # Round trip through save (tiktoken.model is rewritten) and pickle.
     out = tmp_path / "copy"
     tk.save(out)
