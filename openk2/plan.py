@@ -1036,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             render_plan(result_plan, console)
         return 0
-    except (PlanError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # PlanError, a bad config field, a missing --config file
         print(f"openk2 plan: error: {err}", file=sys.stderr)
         return 2
 

@@ -195,3 +195,14 @@ def test_cli_plan_fit_and_json(capsys):
                  "--global-batch-tokens", "512", "--reserve-gb", "0", "--fit"]) == 0
     out = capsys.readouterr().out
     assert "Smallest layouts that fit: 2 GPUs" in out and "1 GPUs: nothing fits" in out
+
+
+def test_cli_reads_config_file(tiny, tmp_path, capsys):
+    path = tmp_path / "config.json"
+    tiny.save_json(path)
+    assert main(["--config", str(path), "--gpus", "2", "--pp", "1", "--ep", "2", "--seq-len", "64",
+                 "--global-batch-tokens", "512", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layout"]["ep"] == 2 and summary["micro_batches"] == 4
+    assert main(["--config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
