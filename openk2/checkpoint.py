@@ -218,7 +218,12 @@ def is_fp8_quantizable(name: str) -> bool:
 
 
 def _fp8_block_size(config: Mapping[str, Any]) -> tuple[int, int]:
+    """The FP8 block size from config.json's quantization_config (128x128 when there is none)."""
     quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method", "fp8")
+    if method != "fp8":
+        raise CheckpointError(f"quantization_config.quant_method={method!r} is not supported (only block 'fp8'); "
+                              f"convert the checkpoint to bf16 first")
     block = quant.get("weight_block_size") or DEFAULT_FP8_BLOCK
     if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
         raise CheckpointError(f"quantization_config.weight_block_size must be two positive ints, got {block!r}")
@@ -300,7 +305,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _atomic_publish(tmp_dir: Path, path: Path) -> None:
-    """Make tmp_dir visible as path in one rename; an existing checkpoint at path is replaced only after that."""
+    """Make tmp_dir visible as path in one rename. An existing checkpoint at path is first renamed aside, so a
+    crash between the two renames leaves no checkpoint at path (never a partial one) and the old one aside."""
     _fsync_dir(tmp_dir)
     if path.exists():
         aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -312,10 +318,29 @@ def _atomic_publish(tmp_dir: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temp_dirs(path: Path) -> None:
+    """Delete temp dirs of earlier saves to `path` whose writer process is gone (it crashed mid-save)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.tmp-(\d+)-[0-9a-f]+", stale.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _write_checkpoint(path: str | os.PathLike, config: dict[str, Any], entries: list[_Entry],
                       max_shard_size: int | str, before_publish: Callable[[Path], None] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(path)
     shards = _plan_shards(entries, parse_size(max_shard_size))
     tmp_dir = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_dir.mkdir()
@@ -354,6 +379,7 @@ def _checkpoint_config(config_dict: dict[str, Any], *, fp8: bool, fp8_block: tup
     config = dict(config_dict)
     config["architectures"] = [ARCHITECTURE]
     config["model_type"] = SAVED_MODEL_TYPE
+    config.pop("auto_map", None)  # points at remote modeling code that our checkpoints do not ship
     config["torch_dtype"] = _dtype_name(weights_dtype)
     config.pop("dtype", None)  # transformers 5.x spelling of torch_dtype; keep one
     if fp8:
@@ -397,17 +423,17 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size
         if fp8 and is_fp8_quantizable(name):
             def produce(name: str = name, tensor: torch.Tensor = tensor) -> dict[str, torch.Tensor]:
                 try:
-                    w_fp8, scale_inv = quantize_fp8_blockwise(tensor.cpu(), fp8_block)
+                    w_fp8, scale_inv = quantize_fp8_blockwise(tensor, fp8_block)  # on the model's device
                 except ValueError as exc:
                     raise CheckpointError(f"cannot quantize {name}: {exc}") from exc
-                return {name: w_fp8, name + SCALE_SUFFIX: scale_inv}
+                return {name: w_fp8.cpu(), name + SCALE_SUFFIX: scale_inv.cpu()}
             entries.append(_Entry(name, _fp8_nbytes(tuple(tensor.shape), fp8_block), produce))
         else:
             def produce(name: str = name, tensor: torch.Tensor = tensor, out_dtype: torch.dtype = out_dtype
                         ) -> dict[str, torch.Tensor]:
                 # clone: expert slices share storage, which safetensors refuses to write
                 return {name: tensor.to(device="cpu", dtype=out_dtype, copy=True).contiguous()}
-            entries.append(_Entry(name, tensor.numel() * torch.empty((), dtype=out_dtype).element_size(), produce))
+            entries.append(_Entry(name, tensor.numel() * out_dtype.itemsize, produce))
 
     weights_dtype = dtype or _dominant_dtype(model)
     config = _checkpoint_config(model.config.to_dict(), fp8=fp8, fp8_block=fp8_block, weights_dtype=weights_dtype)
@@ -520,7 +546,7 @@ def read_checkpoint_headers(directory: Path) -> dict[str, _TensorInfo]:
                     if name in infos:
                         raise CheckpointError(f"{name} is stored twice: in {infos[name].file} and in {file}")
                     infos[name] = _TensorInfo(file, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-        except SafetensorError as exc:
+        except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from None
     index_path = directory / INDEX_NAME
     if index_path.is_file():

@@ -281,9 +281,11 @@ def test_crash_mid_save_never_leaves_a_checkpoint_at_the_target(tmp_path):
     with pytest.raises(CheckpointError, match="step_000002"):
         load_pretrained(target)
 
-    # an existing checkpoint at the target survives a crash while being overwritten
+    # an existing checkpoint at the target survives a crash while being overwritten; the next save to the
+    # same target removes the dead writer's temp dir
     model = make_model()
     save_pretrained(model, target)
+    assert not any(p.exists() for p in leftovers)
     result = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(target)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 3, result.stderr
@@ -358,6 +360,31 @@ def test_fp8_save_load_within_e4m3_bounds(tmp_path, block):
     with torch.no_grad():
         diff = (model(ids).logits - loaded(ids).logits).abs().max()
     assert 0 < diff < 0.1
+
+
+def test_released_style_fp8_checkpoint(tmp_path):
+    """The released K2 layout: model_type kimi_k2 + auto_map, rope_scaling spelling, torch_dtype bfloat16, FP8."""
+    model = make_model(tiny_config(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                                 "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+                                                 "mscale_all_dim": 1.0}))
+    out = save_pretrained(model, tmp_path / "k2", fp8=True, dtype=torch.bfloat16, max_shard_size="60KB")
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type="kimi_k2", auto_map={"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (out / "config.json").write_text(json.dumps(config))
+    loaded = load_pretrained(out)  # dtype from torch_dtype
+    weights = to_hf_state_dict(loaded)
+    assert weights["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
+    assert loaded.config.rope_scaling["factor"] == 4.0 and loaded.config.extra["auto_map"]
+    reference = dequantize_fp8_blockwise(*quantize_fp8_blockwise(
+        to_hf_state_dict(model)["model.layers.2.mlp.experts.6.down_proj.weight"]), dtype=torch.bfloat16)
+    assert torch.equal(weights["model.layers.2.mlp.experts.6.down_proj.weight"], reference)
+    resaved = json.loads((save_pretrained(loaded, tmp_path / "resaved") / "config.json").read_text())
+    assert "auto_map" not in resaved and "quantization_config" not in resaved
+
+    config["quantization_config"] = {"quant_method": "compressed-tensors"}  # e.g. INT4 K2-Thinking
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="compressed-tensors"):
+        load_pretrained(out)
 
 
 def test_convert_cli_quantizes_and_dequantizes(tmp_path, capsys):
