@@ -206,3 +206,15 @@ def test_cli_reads_config_file(tiny, tmp_path, capsys):
     assert summary["layout"]["ep"] == 2 and summary["micro_batches"] == 4
     assert main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_k2_fit_on_256_gpus(k2):
+    result = fit(k2, Hardware(gpu_mem_gb=80.0), max_gpus=256)
+    smallest = result.fitting[0]
+    # bf16 weights + fp32 grads alone (6.16 TB) need ≥ 77 GPUs of 80 GB; the search never goes below that
+    assert smallest.layout.gpus * 80 * GB >= smallest.unique_params_grads_bytes
+    assert smallest.fits and smallest.worst.total_memory <= 80 * GB
+    # 64 GPUs cannot hold 6.16 TB of weights + grads in 80 GB each: rejected, with the reason
+    assert 64 in result.closest_misses and "GPU memory" in result.closest_misses[64].reasons[0]
+    k2_layout = [p for p in result.fitting if (p.layout.pp, p.layout.ep, p.layout.gpus) == (16, 16, 256)]
+    assert k2_layout, "the report's PP16 × EP16 on 32 nodes must be among the layouts that fit"
