@@ -1,0 +1,351 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on loopback.
+
+The model is real: a session fixture trains a tiny K2 model for a few seconds to memorize one tool-use
+conversation and one plain chat (K2 chat template, loss on assistant tokens only), saves it as a checkpoint with
+its tokenizer, and the server loads that checkpoint. Greedy answers must then reproduce the conversation: the
+model itself emits the tool call, and after the tool result, the final answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+
+from openk2.chat import encode_chat, render_chat
+from openk2.checkpoint import save_pretrained
+from openk2.config import K2Config
+from openk2.engine import load_engine
+from openk2.model import K2ForCausalLM
+from openk2.serve import ServerThread, create_app
+from openk2.tokenizer import train_tokenizer
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+QUESTION = "What is the weather in Paris?"
+CALL_ID, CALL_ARGS = "functions.get_weather:0", '{"city":"Paris"}'
+TOOL_RESULT = '{"temp_c":21,"sky":"sunny"}'
+ANSWER = "It is sunny and 21 C in Paris."
+GREETING, GREETING_REPLY = "Say hello.", "Hello! How can I help you today?"
+
+TOOL_CHAT = [
+    {"role": "user", "content": QUESTION},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": CALL_ARGS}}]},
+    {"role": "tool", "tool_call_id": CALL_ID, "content": TOOL_RESULT},
+    {"role": "assistant", "content": ANSWER},
+]
+PLAIN_CHAT = [{"role": "user", "content": GREETING}, {"role": "assistant", "content": GREETING_REPLY}]
+
+
+def _train_memorizing_model(directory) -> None:
+    """A tiny model that reproduces TOOL_CHAT and PLAIN_CHAT under greedy decoding (assistant-masked loss)."""
+    corpus = [render_chat(TOOL_CHAT, TOOLS), render_chat(PLAIN_CHAT)] * 8
+    with warnings.catch_warnings():  # the corpus is tiny: most of the 1024 ids stay unreachable placeholders
+        warnings.simplefilter("ignore")
+        tokenizer = train_tokenizer(corpus, vocab_size=1024)
+    torch.manual_seed(0)
+    model = K2ForCausalLM(K2Config.preset("tiny").replace(vocab_size=1024))
+    encodings = [encode_chat(tokenizer, TOOL_CHAT, TOOLS), encode_chat(tokenizer, PLAIN_CHAT)]
+    width = max(len(e.ids) for e in encodings)
+    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encodings])  # right padding: never attended
+    labels = torch.tensor([e.labels() + [-100] * (width - len(e.ids)) for e in encodings])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    target = labels[:, 1:]
+    for step in range(1, 801):
+        loss = model(ids, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0:  # stop once every assistant token is the argmax with a clear margin
+            with torch.no_grad():
+                probs = torch.softmax(model(ids).logits[:, :-1].float(), -1)
+            mask = target != -100
+            p_target = probs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+            if p_target.min() > 0.9:
+                print(f"memorized after {step} steps")
+                break
+    else:
+        raise AssertionError(f"the tiny model did not memorize the chats (min p={float(p_target.min()):.3f})")
+    save_pretrained(model.eval(), directory, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve") / "tool-chat-tiny"
+    _train_memorizing_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    engine = load_engine(str(checkpoint), dtype="float32", max_batch_size=16, max_seq_len=256)
+    with ServerThread(create_app(engine, "tool-chat-tiny")) as running:
+        running.engine = engine
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0, timeout=120)
+
+
+def test_models_health_and_openapi(server, client):
+    assert [m.id for m in client.models.list().data] == ["tool-chat-tiny"]
+    health = httpx.get(f"http://{server.host}:{server.port}/health").json()
+    assert health["status"] == "ok" and health["max_batch_size"] == 16
+    spec = httpx.get(f"http://{server.host}:{server.port}/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/models", "/health"} <= set(spec["paths"])
+
+
+def test_plain_completion(client):
+    response = client.chat.completions.create(model="tool-chat-tiny", temperature=0, max_tokens=40,
+                                              messages=[{"role": "user", "content": GREETING}])
+    choice = response.choices[0]
+    assert choice.message.content == GREETING_REPLY and choice.finish_reason == "stop"
+    assert choice.message.tool_calls is None
+    assert response.usage.completion_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_streamed_completion(client):
+    stream = client.chat.completions.create(model="tool-chat-tiny", temperature=0, max_tokens=40, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": GREETING}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == GREETING_REPLY and finishes == ["stop"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+
+
+def test_tool_call_round_trip(client):
+    messages = [{"role": "user", "content": QUESTION}]
+    first = client.chat.completions.create(model="tool-chat-tiny", messages=messages, tools=TOOLS, temperature=0,
+                                           max_tokens=60)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.id == CALL_ID and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert not choice.message.content
+
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": TOOL_RESULT}]
+    second = client.chat.completions.create(model="tool-chat-tiny", messages=messages, tools=TOOLS, temperature=0,
+                                            max_tokens=60)
+    assert second.choices[0].message.content == ANSWER and second.choices[0].finish_reason == "stop"
+
+
+def test_streamed_tool_call(client):
+    stream = client.chat.completions.create(model="tool-chat-tiny", messages=[{"role": "user", "content": QUESTION}],
+                                            tools=TOOLS, temperature=0, max_tokens=60, stream=True)
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        for part in delta.tool_calls or []:
+            entry = calls.setdefault(part.index, {"id": None, "name": "", "arguments": ""})
+            entry["id"] = part.id or entry["id"]
+            entry["name"] += part.function.name or ""
+            entry["arguments"] += part.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert calls == {0: {"id": CALL_ID, "name": "get_weather", "arguments": CALL_ARGS}}
+
+
+def test_tool_choice_forced_and_none(client):
+    messages = [{"role": "user", "content": QUESTION}]
+    named = client.chat.completions.create(
+        model="tool-chat-tiny", messages=messages, tools=TOOLS, temperature=0, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.choices[0].finish_reason == "tool_calls"
+    assert named.choices[0].message.tool_calls[0].id == CALL_ID
+    assert json.loads(named.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    # the forced prefix is in the prompt, not in the completion count: the model wrote only the arguments onward
+    required = client.chat.completions.create(model="tool-chat-tiny", messages=messages, tools=TOOLS,
+                                              temperature=0, max_tokens=40, tool_choice="required")
+    assert required.choices[0].finish_reason == "tool_calls"
+    assert required.usage.completion_tokens == named.usage.completion_tokens
+    assert required.usage.completion_tokens < 15
+    # "none": the model would call the tool, but the section token is banned
+    none = client.chat.completions.create(model="tool-chat-tiny", messages=messages, tools=TOOLS, temperature=0,
+                                          max_tokens=8, tool_choice="none")
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+
+
+def test_n_seed_and_logprobs(client):
+    kwargs = dict(model="tool-chat-tiny", messages=[{"role": "user", "content": GREETING}], temperature=1.5,
+                  max_tokens=12, seed=11)
+    first = client.chat.completions.create(n=3, **kwargs)
+    again = client.chat.completions.create(n=3, **kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    greedy = client.chat.completions.create(model="tool-chat-tiny", messages=[{"role": "user", "content": GREETING}],
+                                            temperature=0, max_tokens=40, logprobs=True)
+    logprobs = greedy.choices[0].logprobs.content
+    assert len(logprobs) == greedy.usage.completion_tokens
+    assert all(-1.0 < lp.logprob <= 0 for lp in logprobs)  # memorized: every sampled token is likely
+    assert "".join(lp.token for lp in logprobs[:-1]) == GREETING_REPLY  # the last one is <|im_end|>
+
+
+def _malformed_requests() -> list[tuple[str, str, bytes | None]]:
+    """200 bad requests: (method, path, raw body)."""
+    ok_message = {"role": "user", "content": "hi"}
+    base = {"model": "tool-chat-tiny", "messages": [ok_message]}
+    bad_bodies = [b"", b"{", b"not json", b"[1, 2]", b"null", b"123", b'"text"', b'{"messages": }',
+                  b'{"messages": [}', b"\xff\xfe\x00", b'{"model": "x"}', b"{}"]
+    bad_fields = {
+        "messages": ["hi", 5, {}, [], [1], [None], [{"role": "user"}], [{"role": "wizard", "content": "x"}],
+                     [{"content": "x"}], [{"role": "user", "content": 5}], [{"role": "tool", "content": "x"}],
+                     [{"role": "assistant"}], [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+                     [{"role": "user", "content": [{"type": "text"}]}], [{"role": 1, "content": "x"}],
+                     [{"role": "user", "content": "x", "tool_calls": [
+                         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+                     [{"role": "assistant", "tool_calls": [{"id": "a", "function": {"name": "f b"}}]}],
+                     [{"role": "assistant", "tool_calls": "x"}], [{"role": "user", "content": "x" * 5000}]],
+        "temperature": [-1, -0.01, 2.5, "hot", "0.5", True, [], {}],
+        "top_p": [-0.1, 1.5, "x", [0.5]],
+        "top_k": [-1, 1.5, "3"],
+        "max_tokens": [-1, 0, 1.5, "10", True, -100],
+        "max_completion_tokens": [-5, 0, "x"],
+        "n": [0, -1, 17, 1.5, "2", "many"],
+        "stop": [5, [1], ["a", "b", "c", "d", "e"], [""], {"a": 1}],
+        "seed": ["x", 1.5, [1]],
+        "stream": ["yes", 1, "no"],
+        "stream_options": ["x", {"include_usage": "yes"}],
+        "tools": ["x", [{"type": "function"}], [{"type": "other", "function": {"name": "a"}}],
+                  [{"type": "function", "function": {"name": "a b"}}], [{"type": "function", "function": {}}],
+                  [{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "a"}}],
+                  [{"type": "function", "function": {"name": "f", "parameters": "not an object"}}], 7],
+        "tool_choice": ["sometimes", {"type": "function", "function": {"name": "nope"}}, "required", 5,
+                        {"type": "function"}, {"type": "other", "function": {"name": "get_weather"}}],
+        "logprobs": ["yes", 2],
+        "top_logprobs": [5, -1],
+        "presence_penalty": [0.5, "x"],
+        "frequency_penalty": [-1.0],
+        "response_format": [{"type": "json_object"}, "text"],
+        "model": [5, ["a"]],
+    }
+    requests = [("POST", "/v1/chat/completions", body) for body in bad_bodies]
+    for field, values in bad_fields.items():
+        for value in values:
+            requests.append(("POST", "/v1/chat/completions", json.dumps({**base, field: value}).encode()))
+    requests += [("POST", "/v1/chat/completions", json.dumps({**base, "stream": True, "logprobs": True}).encode()),
+                 ("GET", "/v1/chat/completions", None), ("POST", "/v1/models", b"{}"), ("GET", "/v1/nope", None),
+                 ("POST", "/v1/completions", json.dumps(base).encode()), ("DELETE", "/health", None)]
+    # the same mistakes again inside otherwise valid tool requests and streamed requests, until there are 200
+    variants = [dict(tools=TOOLS), dict(stream=True), dict(tools=TOOLS, stream=True, temperature=0.5)]
+    extra = []
+    for variant in variants:
+        for field, values in bad_fields.items():
+            for value in values[:2]:
+                if field not in variant:
+                    extra.append(json.dumps({**base, **variant, field: value}).encode())
+    requests += [("POST", "/v1/chat/completions", body) for body in extra]
+    return requests[:200]
+
+
+def test_malformed_requests_get_4xx_and_server_keeps_serving(server, client):
+    requests = _malformed_requests()
+    assert len(requests) == 200
+    statuses = []
+    with httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=60) as http:
+        for method, path, body in requests:
+            response = http.request(method, path, content=body, headers={"Content-Type": "application/json"})
+            statuses.append(response.status_code)
+            assert 400 <= response.status_code < 500, (method, path, body, response.status_code, response.text)
+            error = response.json()["error"]
+            assert error["message"] and error["type"]
+    assert statuses.count(400) > 150
+    response = client.chat.completions.create(model="tool-chat-tiny", temperature=0, max_tokens=40,
+                                              messages=[{"role": "user", "content": GREETING}])
+    assert response.choices[0].message.content == GREETING_REPLY
+
+
+def test_sixteen_concurrent_clients(server, client):
+    before = dict(server.engine.stats)
+    answers: dict[int, str | None] = {}
+
+    def one_client(i: int) -> None:
+        if i % 2:
+            answers[i] = client.chat.completions.create(
+                model="tool-chat-tiny", temperature=0, max_tokens=40,
+                messages=[{"role": "user", "content": GREETING}]).choices[0].message.content
+        else:
+            stream = client.chat.completions.create(
+                model="tool-chat-tiny", temperature=0, max_tokens=40, stream=True,
+                messages=[{"role": "user", "content": GREETING}])
+            answers[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == {i: GREETING_REPLY for i in range(16)}
+    after = server.engine.stats
+    tokens = after["generated_tokens"] - before.get("generated_tokens", 0)
+    steps = after["decode_steps"] - before.get("decode_steps", 0)
+    assert steps < tokens / 2, f"{steps} decode steps for {tokens} tokens: requests were not batched"
+
+
+def test_generation_failure_is_a_500_and_the_server_recovers(server, client, monkeypatch):
+    model = server.engine.model
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("injected device fault")
+
+    monkeypatch.setattr(model, "forward", broken_forward)
+    response = httpx.post(f"{server.base_url}/chat/completions", timeout=60,
+                          json={"model": "m", "messages": [{"role": "user", "content": GREETING}], "max_tokens": 5})
+    assert response.status_code == 500 and "injected device fault" in response.json()["error"]["message"]
+    monkeypatch.undo()
+    again = client.chat.completions.create(model="tool-chat-tiny", temperature=0, max_tokens=40,
+                                           messages=[{"role": "user", "content": GREETING}])
+    assert again.choices[0].message.content == GREETING_REPLY
+
+
+def test_openk2_serve_cli(checkpoint):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "openk2", "serve", str(checkpoint), "--port", str(port), "--dtype", "float32",
+         "--max-batch-size", "2", "--max-seq-len", "256", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read().decode()
+                assert time.monotonic() < deadline, "openk2 serve did not come up in 90 s"
+                time.sleep(0.2)
+        assert models["data"][0]["id"] == "tool-chat-tiny"
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        response = client.chat.completions.create(model="tool-chat-tiny", temperature=0, max_tokens=40,
+                                                  messages=[{"role": "user", "content": GREETING}])
+        assert response.choices[0].message.content == GREETING_REPLY
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def free_port() -> int:
+    """A free loopback port (released again at once; the subprocess binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
