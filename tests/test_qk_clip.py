@@ -168,7 +168,7 @@ def test_clip_mha_scales_biases_and_leaves_heads_below_tau_bit_identical():
     torch.testing.assert_close(qw[8:16], q0[8:16] * (100 / 300) / k_s)
 
 
-def _train_max_logits(tau, steps=30):
+def _train_max_logits(tau, steps=16):
     torch.manual_seed(0)
     model = TinyLM(num_heads=4, num_kv_heads=2, head_dim=8)
     ids = torch.randint(0, 40, (4, 16))
@@ -193,4 +193,4 @@ def test_full_loop_keeps_max_logit_near_tau():
     seen, clipped = _train_max_logits(tau=tau)
     assert sum(free_clipped) == 0 and free[-1] > 3 * tau
     assert sum(clipped) > 0 and max(seen) > tau
-    assert max(seen[10:]) < 1.5 * tau
+    assert max(seen[4:]) < 1.5 * tau and free[-1] > 3 * max(seen)

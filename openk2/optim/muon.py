@@ -140,6 +140,15 @@ def _nonfinite_flags(grads: list[Tensor], any_dtensor: bool) -> list[bool]:
     return [bool(x) for x in bad.tolist()]
 
 
+def _holds_whole_matrices(p: Tensor) -> bool:
+    """A 3-D DTensor whose every placement shards dim 0 (the expert dim) or replicates: each rank's local piece
+    is a set of whole expert matrices (FSDP2 Shard(0), expert parallelism, or both on a 2-D mesh), so per-expert
+    Newton-Schulz on the local piece is exactly the single-process result and needs no communication."""
+    from torch.distributed.tensor import Replicate
+
+    return p.ndim >= 3 and all(isinstance(pl, Replicate) or getattr(pl, "dim", None) == 0 for pl in p.placements)
+
+
 def _shard0_layout(p: Tensor) -> tuple[Any, int, int] | None:
     """(process group, rank in it, world) when p is a DTensor sharded as Shard(0) on a 1-D mesh, else None."""
     from torch.distributed.tensor import Shard
@@ -222,8 +231,8 @@ def _muon_step_group(
         buf = st["momentum_buffer"]
         scale = update_scale(p.shape, rms_scale)
         update = nesterov_momentum_(_local(g), _local(buf), mu, nesterov)
-        layout = _shard0_layout(p)
-        if not _is_dtensor(p) or (layout is not None and p.ndim >= 3):
+        layout = _shard0_layout(p) if _is_dtensor(p) else None
+        if not _is_dtensor(p) or _holds_whole_matrices(p):
             ortho = zeropower_via_newtonschulz(update, ns_steps)
             stats.add_update(ortho, scale)
             apply_muon_update_(_local(p), ortho, lr, wd, scale)
