@@ -314,9 +314,9 @@ class ExpertParallelExperts(nn.Module):
         # Anything else the original module carried (e.g. an activation choice) is kept for the expert math.
         self.act = getattr(experts, "act_fn", None) or getattr(experts, "act", None) or nn.functional.silu
 
-    def _expert_mlp(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _expert_mlp(self, rows: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         """SwiGLU of each local expert on its contiguous block of rows (blocks in local-expert order)."""
-        gate_w, up_w, down_w = (_local(getattr(self, n)) for n in _EXPERT_STACKS)
+        gate_w, up_w, down_w = (_local(getattr(self, n)).to(dtype) for n in _EXPERT_STACKS)
         outputs = []
         start = 0
         # Every local expert runs, even on zero rows: its weights then get a zero gradient (not None), which
@@ -343,18 +343,23 @@ class ExpertParallelExperts(nn.Module):
         send_splits = counts_per_expert.view(self.ep_size, self.num_local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
 
-        dispatched = all_to_all_autograd(x[token_of_pair], recv_splits, send_splits, self.ep_group)
+        # Same compute dtype as the model's RoutedExperts: the autocast dtype if on (bf16 tokens on the wire too).
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else _local(
+            self.gate_proj).dtype
+        dispatched = all_to_all_autograd(x[token_of_pair].to(dtype), recv_splits, send_splits, self.ep_group)
         # Received rows are ordered (source rank, local expert); regroup them by local expert for the matmuls.
         local_expert_of_row = torch.arange(self.num_local, device=x.device).repeat(self.ep_size)
         local_expert_of_row = torch.repeat_interleave(local_expert_of_row, recv_counts.reshape(-1))
         by_expert = torch.argsort(local_expert_of_row, stable=True)
-        expert_out = self._expert_mlp(dispatched[by_expert], recv_counts.sum(0).tolist())
+        expert_out = self._expert_mlp(dispatched[by_expert], recv_counts.sum(0).tolist(), dtype)
         expert_out = torch.empty_like(expert_out).index_copy(0, by_expert, expert_out)
 
         combined = all_to_all_autograd(expert_out, send_splits, recv_splits, self.ep_group)
-        weights = topk_weight.reshape(-1)[order].unsqueeze(1).to(combined.dtype)
-        out = torch.zeros(num_tokens, hidden, dtype=combined.dtype, device=x.device)
-        out.index_add_(0, token_of_pair, combined * weights)
+        # Weighted sum over each token's k experts in fp32, as RoutedExperts does.
+        weights = topk_weight.reshape(-1)[order].unsqueeze(1).float()
+        out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+        out.index_add_(0, token_of_pair, combined.float() * weights)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -512,6 +517,41 @@ def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     )
 
 
+def _optimizer_state_as_dtensors(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Present plain per-rank optimizer state (an AdamW moment kept as the *local shard* of a DTensor parameter)
+    as a DTensor with the parameter's layout, sharing storage, so DCP saves / loads it by global offsets and a
+    different world size can resume it. `_optimizer_state_as_local` undoes it before the optimizer steps again."""
+    from torch.distributed.tensor import DTensor
+
+    for optimizer in optimizers:
+        for param, state in optimizer.state.items():
+            if not isinstance(param, DTensor):
+                continue
+            local_shape = param.to_local().shape
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim() > 0 \
+                        and value.shape == local_shape:
+                    state[key] = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                                    shape=param.shape, stride=param.stride())
+
+
+def _optimizer_state_as_local(optimizers: list[torch.optim.Optimizer], originally_local: set) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for optimizer in optimizers:
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, DTensor) and (id(param), key) in originally_local:
+                    state[key] = value.to_local()
+
+
+def _plain_state_keys(optimizers: list[torch.optim.Optimizer]) -> set:
+    from torch.distributed.tensor import DTensor
+
+    return {(id(p), k) for o in optimizers for p, st in o.state.items() for k, v in st.items()
+            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and not isinstance(v, DTensor)}
+
+
 def _state_dicts(model: nn.Module, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
 
@@ -551,8 +591,15 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / _DCP_SUBDIR), no_dist=world == 1)
+    optimizers = _torch_optimizers(optimizer)
+    _state_dicts(model, optimizer)  # first call creates the optimizer state if no step was taken yet
+    plain = _plain_state_keys(optimizers)
+    _optimizer_state_as_dtensors(optimizers)
+    try:
+        model_sd, optim_sd = _state_dicts(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / _DCP_SUBDIR), no_dist=world == 1)
+    finally:
+        _optimizer_state_as_local(optimizers, plain)
     torch.save(dict(extra_state or {}), tmp / f"extra_rank{rank}.pt")
     _barrier()
     if rank == 0:
@@ -589,16 +636,22 @@ def load_distributed(path, model: nn.Module, optimizer) -> dict:
     optimizers = _torch_optimizers(optimizer)
     if optimizers and not meta.get("has_optimizer", True):
         raise ValueError(f"load_distributed: {path} was saved without optimizer state")
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    state = {"model": model_sd}
-    if optimizers:
-        state["optim"] = optim_sd
-    dcp.load(state, checkpoint_id=str(path / _DCP_SUBDIR), no_dist=world == 1)
-    if optimizers:
-        set_state_dict(model, optimizers if len(optimizers) > 1 else optimizers[0],
-                       model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        set_model_state_dict(model, state["model"])
+    _state_dicts(model, optimizer)  # first call creates the optimizer state (DCP loads into existing tensors)
+    plain = _plain_state_keys(optimizers)
+    _optimizer_state_as_dtensors(optimizers)
+    try:
+        model_sd, optim_sd = _state_dicts(model, optimizer)
+        state = {"model": model_sd}
+        if optimizers:
+            state["optim"] = optim_sd
+        dcp.load(state, checkpoint_id=str(path / _DCP_SUBDIR), no_dist=world == 1)
+        if optimizers:
+            set_state_dict(model, optimizers if len(optimizers) > 1 else optimizers[0],
+                           model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            set_model_state_dict(model, state["model"])
+    finally:
+        _optimizer_state_as_local(optimizers, plain)
     extra_file = path / f"extra_rank{rank}.pt"
     if meta.get("world_size") != world or not extra_file.is_file():
         extra_file = path / "extra_rank0.pt"
