@@ -423,6 +423,7 @@ class StreamingToolCallParser:
         self._buffer = ""  # unreleased text of the current state
         self._in_section = False
         self._cursor = 0  # in a section: end of the last regex match in _buffer
+        self._scanned = 0  # in a section: length of _buffer already searched for markers
         self._finished = False
 
     @property
@@ -436,6 +437,7 @@ class StreamingToolCallParser:
     def feed(self, delta: str) -> list[StreamEvent]:
         if self._finished:
             raise RuntimeError("StreamingToolCallParser.feed after finish()")
+        self._scanned = len(self._buffer)
         self._buffer += delta
         events: list[StreamEvent] = []
         while True:
@@ -448,12 +450,17 @@ class StreamingToolCallParser:
                     return events
                 self._emit_content(self._buffer[:begin], events)
                 self._buffer = self._buffer[begin + len(TOOL_CALLS_SECTION_BEGIN) :]
-                self._in_section, self._cursor = True, 0
+                self._in_section, self._cursor, self._scanned = True, 0, 0
             else:
-                end = self._buffer.find(TOOL_CALLS_SECTION_END)
+                # Only text that arrived with this delta (plus a marker's length before it) can hold a new marker.
+                end = self._buffer.find(TOOL_CALLS_SECTION_END, max(0, self._scanned - len(TOOL_CALLS_SECTION_END) + 1))
                 section = self._buffer if end < 0 else self._buffer[:end]
-                # Matches inside the text seen so far are final: a later delta cannot change the leftmost match.
-                for m in TOOL_CALL_RE.finditer(section, self._cursor):
+                # Every call ends with <|tool_call_end|>, and matches ending at an older one were found when it
+                # arrived (a later delta cannot change a leftmost match that is already complete), so the regex
+                # only needs to run when a new end marker came in.
+                fresh = max(self._cursor, self._scanned - len(TOOL_CALL_END) + 1)
+                matches = TOOL_CALL_RE.finditer(section, self._cursor) if TOOL_CALL_END in section[fresh:] else ()
+                for m in matches:
                     self._emit_error(self._collector.gap(section[self._cursor : m.start()]), events)
                     result = self._collector.match(m)
                     events.append(StreamEvent(tool_call=result) if isinstance(result, ToolCall) else StreamEvent(error=result))
@@ -462,7 +469,7 @@ class StreamingToolCallParser:
                     return events
                 self._emit_error(self._collector.gap(section[self._cursor :]), events)
                 self._buffer = self._buffer[end + len(TOOL_CALLS_SECTION_END) :]
-                self._in_section = False
+                self._in_section, self._scanned = False, 0
 
     def finish(self) -> list[StreamEvent]:
         """End of output: release held-back text and report an unclosed section."""
