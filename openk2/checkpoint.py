@@ -135,13 +135,17 @@ def _describe_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[s
         for name in sorted(found)
         if name in expected and tuple(found[name]) != tuple(expected[name])
     ]
+    def listing(items: list[str], separator: str = ", ", limit: int = 20) -> str:
+        shown = separator.join(items[:limit])
+        return shown + (f"{separator}... and {len(items) - limit} more" if len(items) > limit else "")
+
     problems = []
     if missing:
-        problems.append(f"missing ({len(missing)}): " + ", ".join(missing))
+        problems.append(f"missing ({len(missing)}): " + listing(missing))
     if unexpected:
-        problems.append(f"unexpected ({len(unexpected)}): " + ", ".join(n + at(n) for n in unexpected))
+        problems.append(f"unexpected ({len(unexpected)}): " + listing([n + at(n) for n in unexpected]))
     if misshaped:
-        problems.append(f"misshaped ({len(misshaped)}): " + "; ".join(misshaped))
+        problems.append(f"misshaped ({len(misshaped)}): " + listing(misshaped, "; "))
     return problems
 
 
@@ -655,7 +659,7 @@ def _build_empty_model(config: Any, dtype: torch.dtype, device: torch.device) ->
 
 def fp32_buffers(model: nn.Module) -> None:
     """Put tensors that must stay fp32 (router bias) back to fp32 after a blanket dtype cast."""
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for buffer_name, buffer in list(module.named_buffers(recurse=False)):
             if _FP32_TENSOR_RE.search("." + buffer_name) and buffer is not None and buffer.dtype != torch.float32:
                 setattr(module, buffer_name, buffer.float())
