@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -143,6 +145,22 @@ def test_quantize_error_within_e4m3_bound(shape):
     assert err.max() <= 2.0**-3 * block_max
     if shape == (128, 128):
         assert torch.equal(dequantize_fp8_blockwise(w_fp8, scale_inv)[:64, :64], torch.zeros(64, 64))
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 300), cols=st.integers(1, 300), block_rows=st.integers(1, 130),
+       block_cols=st.integers(1, 130), log_scale=st.floats(-20, 20), seed=st.integers(0, 2**31 - 1))
+def test_fp8_round_trip_bound_and_formula_property(rows, cols, block_rows, block_cols, log_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 2.0**log_scale
+    block = (block_rows, block_cols)
+    w_fp8, scale_inv = quantize_fp8_blockwise(w, block)
+    i = torch.arange(rows)[:, None] // block_rows
+    j = torch.arange(cols)[None, :] // block_cols
+    restored = dequantize_fp8_blockwise(w_fp8, scale_inv, block)
+    assert torch.equal(restored, w_fp8.float() * scale_inv[i, j])
+    bound = (E4M3_REL * w.abs() + E4M3_SUBNORMAL_ABS * scale_inv[i, j]) * SLACK
+    assert ((restored - w).abs() <= bound).all()
 
 
 def test_fp8_tensor_selection_follows_deepseek_convention():
