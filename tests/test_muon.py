@@ -55,6 +55,16 @@ def test_newton_schulz_batched_equals_per_matrix():
         assert torch.equal(batched[e], zeropower_via_newtonschulz(tall[e]))
 
 
+def test_orthogonalize_many_batches_by_shape_with_the_same_values():
+    from openk2.optim.muon import MAX_NS_BATCH, orthogonalize_many
+
+    updates = [torch.randn(24, 40), torch.randn(40, 24), torch.randn(3, 24, 40), torch.randn(2, 40, 24),
+               torch.randn(MAX_NS_BATCH + 3, 24, 40), torch.randn(16, 16)]
+    for u, o in zip(updates, orthogonalize_many(updates)):
+        assert o.shape == u.shape
+        torch.testing.assert_close(o.float(), zeropower_via_newtonschulz(u).float(), rtol=0, atol=1e-2)
+
+
 def test_newton_schulz_zero_matrix_stays_zero():
     assert torch.equal(zeropower_via_newtonschulz(torch.zeros(8, 16)).float(), torch.zeros(8, 16))
 

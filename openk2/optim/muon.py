@@ -51,13 +51,49 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS) -
         X = X.mT
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     batch_shape = X.shape[:-2]
-    X = X.reshape(-1, X.size(-2), X.size(-1))
+    if X.ndim > 3:
+        X = X.reshape(-1, X.size(-2), X.size(-1))
+    fused_mm = torch.addmm if X.ndim == 2 else torch.baddbmm  # beta*input + alpha*(m1 @ m2) in one kernel
     for _ in range(steps):
         A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+        B = fused_mm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = fused_mm(X, B, X, beta=a)  # a*X + B@X
     X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
     return X.mT if tall else X
+
+
+MAX_NS_BATCH = 32  # matrices per batched Newton-Schulz call; larger batches stop paying off on CPU caches
+
+
+def orthogonalize_many(updates: list[Tensor], steps: int = 5) -> list[Tensor]:
+    """NS of many matrices / stacks, batched by shape: every [..., A, B] tensor is turned wide ([..., min, max]),
+    tensors with the same per-matrix shape are concatenated into calls of at most MAX_NS_BATCH matrices, and the
+    results are split back (bf16, each input's shape). Same values as calling zeropower_via_newtonschulz on each."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    wide = []
+    for i, u in enumerate(updates):
+        w = u.bfloat16()
+        w = w.mT if w.size(-2) > w.size(-1) else w
+        w = w.reshape(-1, w.size(-2), w.size(-1))
+        wide.append(w)
+        by_shape.setdefault((w.size(-2), w.size(-1)), []).append(i)
+    results: list[Tensor | None] = [None] * len(updates)
+    for indices in by_shape.values():
+        batch: list[int] = []
+        count = 0
+        for i in indices + [-1]:  # -1 flushes the last batch
+            if i == -1 or (batch and count + wide[i].size(0) > MAX_NS_BATCH):
+                ortho = zeropower_via_newtonschulz(torch.cat([wide[j] for j in batch]), steps)
+                for j, o in zip(batch, ortho.split([wide[j].size(0) for j in batch])):
+                    u = updates[j]
+                    tall = u.size(-2) > u.size(-1)
+                    o = o.reshape(*u.shape[:-2], *((u.size(-1), u.size(-2)) if tall else (u.size(-2), u.size(-1))))
+                    results[j] = o.mT if tall else o
+                batch, count = [], 0
+            if i != -1:
+                batch.append(i)
+                count += wide[i].size(0)
+    return results  # type: ignore[return-value]
 
 
 def update_scale(shape: torch.Size | tuple[int, ...], rms_scale: str) -> float:
@@ -224,6 +260,7 @@ def _muon_step_group(
     lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
     nesterov, ns_steps, rms_scale = group["nesterov"], group["ns_steps"], group["rms_scale"]
     sharded_jobs: list[_ShardedMatrix] = []
+    local_jobs: list[tuple[Tensor, Tensor, float]] = []  # (local param, update, scale): NS batched by shape
     for p, g in zip(params, grads):
         st = state[p]
         if "momentum_buffer" not in st:
@@ -233,9 +270,7 @@ def _muon_step_group(
         update = nesterov_momentum_(_local(g), _local(buf), mu, nesterov)
         layout = _shard0_layout(p) if _is_dtensor(p) else None
         if not _is_dtensor(p) or _holds_whole_matrices(p):
-            ortho = zeropower_via_newtonschulz(update, ns_steps)
-            stats.add_update(ortho, scale)
-            apply_muon_update_(_local(p), ortho, lr, wd, scale)
+            local_jobs.append((_local(p), update, scale))
         elif layout is not None:
             sharded_jobs.append(_ShardedMatrix(p, update, lr, wd, scale, owner=stats.next_owner(layout[2])))
         else:  # other placements (e.g. 2-D meshes): correct but not communication-optimal
@@ -248,6 +283,10 @@ def _muon_step_group(
 
             ortho_local = distribute_tensor(ortho, p.device_mesh, p.placements).to_local()
             apply_muon_update_(p.to_local(), ortho_local, lr, wd, scale)
+    orthos = orthogonalize_many([u for _, u, _ in local_jobs], ns_steps) if local_jobs else []
+    for (p_local, _, scale), ortho in zip(local_jobs, orthos):
+        stats.add_update(ortho, scale)
+        apply_muon_update_(p_local, ortho, lr, wd, scale)
     sq, n = _orthogonalize_sharded(sharded_jobs, ns_steps)
     stats.update_sq_sum += sq
     stats.update_count += n
