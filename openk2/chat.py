@@ -126,8 +126,8 @@ def next_tool_call_index(messages: Sequence[dict]) -> int:
     for msg in messages:
         if isinstance(msg, dict) and msg.get("role") == "assistant":
             for call in msg.get("tool_calls") or []:
-                fn = call.get("function") if isinstance(call, dict) else None
-                ids.assign(call.get("id"), fn.get("name") if isinstance(fn, dict) else "")
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    ids.assign(call.get("id"), call["function"].get("name"))
     return ids.next_index
 
 
@@ -142,11 +142,11 @@ def chat_segments(
         raise ChatFormatError(f"messages: expected a list, got {type(messages).__name__}")
     segs: list[Segment] = []
 
-    def turn(start: str, name: str, body: str, *, train: bool = False) -> None:
+    def turn(start: str, name: str, body: str) -> None:  # a turn the model does not learn to write
         segs.extend([Segment(start, True, False), Segment(name, False, False), Segment(IM_MIDDLE, True, False)])
         if body:
-            segs.append(Segment(body, False, train))
-        segs.append(Segment(IM_END, True, train))
+            segs.append(Segment(body, False, False))
+        segs.append(Segment(IM_END, True, False))
 
     tool_names: set[str] = set()
     if tools:
