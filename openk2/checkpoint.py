@@ -212,7 +212,12 @@ def dequantize_fp8_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor,
         raise ValueError(f"scale_inv shape {list(scale_inv.shape)} does not fit weight {list(w_fp8.shape)} "
                          f"with {block[0]}x{block[1]} blocks (expected {list(expected_grid)})")
     rows, cols = w_fp8.shape
-    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    grid_rows, grid_cols = expected_grid
+    scale_inv = scale_inv.float()
+    if rows % block[0] == 0 and cols % block[1] == 0:  # the common case: broadcast over a block view
+        blocks = w_fp8.float().view(grid_rows, block[0], grid_cols, block[1]) * scale_inv[:, None, :, None]
+        return blocks.view(rows, cols).to(dtype)
+    scale = scale_inv.repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
     return (w_fp8.float() * scale).to(dtype)
 
 
@@ -835,13 +840,19 @@ def _safetensors_itemsize(dtype: str) -> int:
     return _SAFETENSORS_ITEMSIZE.get(dtype, 4)
 
 
+# Files of a training checkpoint that a converted model checkpoint does not carry (optimizer / data state).
+_TRAINING_ONLY_SUFFIXES = (".pt", ".pth", ".bin")
+_TRAINING_ONLY_NAMES = ("train_config.json",)
+
+
 def _copy_side_files(src_dir: Path) -> Callable[[Path], None]:
-    """Copy tokenizer / generation config and other non-weight files along with a conversion."""
+    """Copy tokenizer files, generation config and the like along with a conversion (not weights, not
+    trainer state)."""
     def copy(tmp_dir: Path) -> None:
         for item in src_dir.iterdir():
-            if item.name in (CONFIG_NAME, INDEX_NAME) or item.suffix == ".safetensors" or item.name.startswith("."):
-                continue
-            if item.is_file():
+            skip = (item.name in (CONFIG_NAME, INDEX_NAME, *_TRAINING_ONLY_NAMES) or item.name.startswith(".")
+                    or item.suffix in (".safetensors", *_TRAINING_ONLY_SUFFIXES) or not item.is_file())
+            if not skip:
                 shutil.copy2(item, tmp_dir / item.name)
     return copy
 
