@@ -934,7 +934,8 @@ class TokenLoader:
         self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])
         shards = _check_shard_files(self.data_dir, self.meta, split)
         self._paths = [p for p, n in shards if n]
-        self._maps = [np.memmap(p, dtype=TOKEN_DTYPE, mode="r") for p in self._paths]
+        # plain ndarray views of the maps: slicing a np.memmap subclass costs more than the copy itself
+        self._maps = [np.memmap(p, dtype=TOKEN_DTYPE, mode="r").view(np.ndarray) for p in self._paths]
         self._starts = np.cumsum([0] + [n for _, n in shards if n])  # global offset of each shard
         self.num_tokens = int(self._starts[-1])
         self.num_windows = self.num_tokens // self.seq_len
