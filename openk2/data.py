@@ -274,6 +274,20 @@ def _text_of(record: Any, text_field: str, path: Path, line: int, unit: str, bad
     return value
 
 
+def _check_surrogates(text: str, path: Path, line: int, keep_invalid_utf8: bool, bad: BadRecordLog) -> str | None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"): valid JSON, but not text any tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as e:
+        action = "kept (U+FFFD replacement)" if keep_invalid_utf8 else "skipped"
+        bad.add(BadRecord(str(path), line, "invalid UTF-8", f"lone surrogate \\u{ord(text[e.start]):04x} escape at "
+                          f"character {e.start} of the text", action))
+        if not keep_invalid_utf8:
+            return None
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _read_jsonl(path: Path, text_field: str, keep_invalid_utf8: bool, bad: BadRecordLog) -> Iterator[Document]:
     records = 0
     with open(path, "rb") as f:
@@ -290,6 +304,8 @@ def _read_jsonl(path: Path, text_field: str, keep_invalid_utf8: bool, bad: BadRe
                 bad.add(BadRecord(str(path), line_no, "bad JSON", f"{e.msg} at column {e.colno}"))
                 continue
             text = _text_of(record, text_field, path, line_no, "line", bad)
+            if text is not None:
+                text = _check_surrogates(text, path, line_no, keep_invalid_utf8, bad)
             if text is not None:
                 yield Document(text, f"{path}:{line_no}", len(raw))
     if records == 0:

@@ -121,7 +121,8 @@ def test_bad_records_are_reported_with_file_and_line(tmp_path, tokenizer):
                       b'{"text": "caf\xe9 latin-1"}\n'  # line 4: invalid UTF-8
                       b'\n'
                       b'{"text": 17}\n'  # line 6: not a string
-                      b'{"text": "good two"}\n')
+                      b'{"text": "good two"}\n'
+                      b'{"text": "lone \\ud800 surrogate"}\n')  # line 8: valid JSON, not encodable text
     (src / "empty.txt").write_text("")
     (src / "latin1.txt").write_bytes(b"line one\nline two\nna\xefve line three\n")
     missing = tmp_path / "missing.jsonl"
@@ -130,13 +131,14 @@ def test_bad_records_are_reported_with_file_and_line(tmp_path, tokenizer):
     info = prepare_corpus([src, missing], tokenizer, out, num_workers=0, progress=False, val_fraction=0)
     assert info.train_documents == 2  # only the two good JSONL records
     bad = info.bad_records
-    assert bad["counts"] == {"bad JSON": 1, "missing field": 2, "invalid UTF-8": 2, "empty file": 1,
+    assert bad["counts"] == {"bad JSON": 1, "missing field": 2, "invalid UTF-8": 3, "empty file": 1,
                              "field not a string": 1}
     where = {(r["kind"], r["where"]) for r in bad["first"]}
     assert ("bad JSON", f"{jsonl}:2") in where
     assert ("missing field", f"{jsonl}:3") in where
     assert ("invalid UTF-8", f"{jsonl}:4") in where
     assert ("field not a string", f"{jsonl}:6") in where
+    assert ("invalid UTF-8", f"{jsonl}:8") in where
     assert ("invalid UTF-8", f"{src / 'latin1.txt'}:3") in where
     assert ("empty file", str(src / "empty.txt")) in where
     assert ("missing field", f"{missing}:1") in where
@@ -155,11 +157,11 @@ def test_bad_records_are_reported_with_file_and_line(tmp_path, tokenizer):
     # --keep-invalid-utf8: the records are kept with U+FFFD, and still reported as kept.
     info = prepare_corpus([src], tokenizer, tmp_path / "kept", num_workers=0, progress=False, val_fraction=0,
                           keep_invalid_utf8=True)
-    assert info.train_documents == 4
+    assert info.train_documents == 5
     kept = [r for r in info.bad_records["first"] if r["kind"] == "invalid UTF-8"]
-    assert len(kept) == 2 and all(r["action"].startswith("kept") for r in kept)
+    assert len(kept) == 3 and all(r["action"].startswith("kept") for r in kept)
     texts = list(iter_texts([src], keep_invalid_utf8=True))
-    assert "caf\ufffd latin-1" in texts and any("na\ufffdve" in t for t in texts)
+    assert "caf\ufffd latin-1" in texts and "lone \ufffd surrogate" in texts and any("na\ufffdve" in t for t in texts)
 
 
 # -- preparation ------------------------------------------------------------------------------------------------
@@ -208,19 +210,24 @@ def test_prepare_skips_a_complete_preparation_and_redoes_a_stale_one(corpus_dir,
     src = tmp_path / "src.jsonl"
     src.write_text((corpus_dir / "c.jsonl").read_text())
     out = tmp_path / "out"
-    first = prepare_corpus([src], tokenizer, out, num_workers=0, progress=False)
-    again = prepare_corpus([src], tokenizer, out, num_workers=0, progress=False)
+    kw = dict(num_workers=0, progress=False, val_fraction=0.001)  # 100 documents: val stays empty, warned
+    with pytest.warns(UserWarning, match="no document fell into the validation split"):
+        first = prepare_corpus([src], tokenizer, out, **kw)
+    again = prepare_corpus([src], tokenizer, out, **kw)
     assert again.reused and again.fingerprint == first.fingerprint and again.train_tokens == first.train_tokens
     # A different option, a changed input, or a missing marker: prepared again.
-    assert not prepare_corpus([src], tokenizer, out, num_workers=0, progress=False, seed=1).reused
+    with pytest.warns(UserWarning):
+        assert not prepare_corpus([src], tokenizer, out, **kw, seed=1).reused  # new split
     with open(src, "a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
-    changed = prepare_corpus([src], tokenizer, out, num_workers=0, progress=False)
+    with pytest.warns(UserWarning):
+        changed = prepare_corpus([src], tokenizer, out, **kw)
     assert not changed.reused and changed.train_documents + changed.val_documents == 101
     (out / "COMPLETE").unlink()
     with pytest.raises(DataError, match="incomplete"):
         TokenLoader(out, batch_size=1, seq_len=8)
-    assert not prepare_corpus([src], tokenizer, out, num_workers=0, progress=False).reused
+    with pytest.warns(UserWarning):
+        assert not prepare_corpus([src], tokenizer, out, **kw).reused
     assert (out / "COMPLETE").is_file() and not list(out.glob("*.partial"))
 
 
