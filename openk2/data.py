@@ -109,6 +109,13 @@ class BadRecordLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BadRecordLog":
+        fields = ("path", "line", "kind", "detail", "action", "unit")
+        log = cls(max_listed=max(20, len(d.get("first", []))), counts=Counter(d.get("counts", {})))
+        log.listed = [BadRecord(**{k: r[k] for k in fields}) for r in d.get("first", [])]
+        return log
+
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "counts": dict(sorted(self.counts.items())),
                 "first": [asdict(r) | {"where": r.where} for r in self.listed]}
@@ -130,7 +137,7 @@ class BadRecordLog:
         console.print(table)
         console.print(f"first {len(self.listed)} bad record(s):")
         for record in self.listed:
-            console.print(f"  {record}", markup=False, highlight=False)
+            console.print(f"  {record}", markup=False, highlight=False, soft_wrap=True)  # greppable lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -825,7 +832,9 @@ def prepare_corpus(inputs: Iterable[str | os.PathLike], tokenizer, out_dir: str 
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out_dir)
-    sources = list_sources(inputs, include=include)
+    inputs = list(inputs)
+    # An out_dir inside an input directory must not read its own shards back on the next run.
+    sources = [s for s in list_sources(inputs, include=include) if out.resolve() not in s.path.parents]
     if not sources:
         raise DataError(f"no input files found in {[str(p) for p in inputs]}"
                         + (f" matching {list(include)}" if include else ""))
@@ -1116,6 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"openk2 prepare: {e}", file=sys.stderr)
         return 1
+    if args.no_progress and info.bad_records.get("total") and not info.reused:
+        BadRecordLog.from_dict(info.bad_records).render()  # the report is not optional, only the bar is
     if info.reused:
         print(f"{out}: already prepared for these inputs and tokenizer (train {info.train_tokens:,} tokens, val "
               f"{info.val_tokens:,}); nothing to do", file=sys.stderr)

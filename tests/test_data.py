@@ -386,5 +386,15 @@ def test_prepare_cli_trains_a_tokenizer_then_reuses_the_preparation(corpus_dir, 
     assert tok.vocab_size == 600 and verify_shards(out)["train"]["tokens"] > 0
     assert data.main(args + ["--tokenizer", str(out / "tokenizer")]) == 0
     assert "nothing to do" in capsys.readouterr().err
+    # Bad records are reported even without the progress bar; an out dir inside the input dir is not read.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    (src / "b.txt").write_text((corpus_dir / "a.txt").read_text())
+    again = [str(src), "--out", str(src / "prepared"), "--tokenizer", str(out / "tokenizer"), "--workers", "0", "--val-fraction", "0",
+             "--no-progress"]
+    assert data.main(again) == 0
+    assert f"{src / 'a.jsonl'}:2: bad JSON" in capsys.readouterr().err
+    assert data.main(again) == 0 and "nothing to do" in capsys.readouterr().err
     assert data.main([str(tmp_path / "nope.txt"), "--out", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
