@@ -315,12 +315,18 @@ class ExpertParallelExperts(nn.Module):
         self.act = getattr(experts, "act_fn", None) or getattr(experts, "act", None) or nn.functional.silu
 
     def _expert_mlp(self, rows: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """SwiGLU of each local expert on its contiguous block of rows (blocks in local-expert order)."""
+        """SwiGLU of each local expert on its contiguous block of rows (blocks in local-expert order).
+
+        Every local expert takes part even with zero rows, so its weights get a zero gradient (not None) and
+        FSDP's gradient reduction is the same on every rank."""
         gate_w, up_w, down_w = (_local(getattr(self, n)).to(dtype) for n in _EXPERT_STACKS)
+        if hasattr(torch, "_grouped_mm"):  # one kernel for all local experts (as the model's RoutedExperts)
+            offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
+            gate = torch._grouped_mm(rows, gate_w.transpose(-2, -1), offs=offsets)
+            up = torch._grouped_mm(rows, up_w.transpose(-2, -1), offs=offsets)
+            return torch._grouped_mm(self.act(gate) * up, down_w.transpose(-2, -1), offs=offsets)
         outputs = []
         start = 0
-        # Every local expert runs, even on zero rows: its weights then get a zero gradient (not None), which
-        # keeps FSDP's gradient reduction identical on every rank.
         for e, n in enumerate(counts):
             block = rows[start : start + n]
             start += n

@@ -65,6 +65,16 @@ def _run_ok(args: list[str], nproc: int) -> None:
     assert proc.returncode == 0, f"{' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
 
 
+def _run_ok_concurrently(*jobs: list[str], nproc: int = 2) -> None:
+    """Independent torchrun jobs at once: their start-up (imports, rendezvous) dominates and overlaps well."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        procs = list(pool.map(lambda args: _launch(args, nproc), jobs))
+    for args, proc in zip(jobs, procs):
+        assert proc.returncode == 0, f"{' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+
+
 def _rel(a: list[float], b: list[float]) -> np.ndarray:
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, (a.shape, b.shape)
@@ -95,8 +105,8 @@ def runs(tmp_path_factory) -> dict:
     ck = {name: str(tmp / f"ckpt_{name}") for name in ("w1", "dp2", "ep2")}
     res = {name: str(tmp / f"result_{name}.json") for name in ("w1", "dp2", "ep2", "w1_micro")}
     _run_ok([*common, "--result", res["w1"], "--ckpt", ck["w1"]], nproc=1)
-    _run_ok([*common, "--result", res["dp2"], "--ckpt", ck["dp2"], "--resume-from", ck["w1"]], nproc=2)
-    _run_ok([*common, "--ep", "2", "--result", res["ep2"], "--ckpt", ck["ep2"], "--resume-from", ck["w1"]], nproc=2)
+    _run_ok_concurrently([*common, "--result", res["dp2"], "--ckpt", ck["dp2"], "--resume-from", ck["w1"]],
+                         [*common, "--ep", "2", "--result", res["ep2"], "--ckpt", ck["ep2"], "--resume-from", ck["w1"]])
     hf_dir = tmp / "consolidated"
     _run_ok([*common, "--micro-batches", "2", "--result", res["w1_micro"], "--resume-from", ck["ep2"],
              "--resume-from", ck["dp2"], "--consolidate-to", str(hf_dir)], nproc=1)
