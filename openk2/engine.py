@@ -16,7 +16,7 @@ Two ways in:
   started on first use owns the model; the handle yields `StreamDelta`s (text + token deltas) and can be
   cancelled. `handle.result()` blocks for the whole `Completion`.
 
-Sampling (per request, in fp32): banned tokens → temperature (0 = greedy) → top-k → top-p → one draw from a
+Sampling (per request, in fp32): logit bias → banned tokens → temperature (0 = greedy) → top-k → top-p → one draw from a
 per-request `torch.Generator`, so a seeded request gives the same tokens whatever else shares the batch (up to the
 batch-size dependence of floating-point matmuls). The logprob recorded for each sampled token is
 log_softmax of the *raw* model logits (before temperature / top-k / top-p), which is what RL needs to recompute
@@ -67,6 +67,7 @@ class SamplingParams:
     logprobs: bool = False  # return the logprob of each sampled token
     ignore_eos: bool = False  # don't stop on any stop token (benchmarks force a fixed length with it)
     banned_token_ids: list[int] = field(default_factory=list)  # never sampled (e.g. tool_choice="none")
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before sampling (OpenAI's)
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -77,6 +78,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.banned_token_ids = list(self.banned_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
                 or not self.temperature >= 0 or self.temperature == float("inf"):
             fail("temperature", "must be a finite number >= 0 (0 means greedy)")
@@ -92,6 +94,9 @@ class SamplingParams:
             fail("stop_token_ids", "must be token ids >= 0")
         if not all(_is_int(t) and t >= 0 for t in self.banned_token_ids):
             fail("banned_token_ids", "must be token ids >= 0")
+        if not all(_is_int(t) and t >= 0 and isinstance(b, (int, float)) and not isinstance(b, bool)
+                   and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            fail("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
         if self.seed is not None and not _is_int(self.seed):
             fail("seed", "must be an integer or None")
         if not _is_int(self.n) or self.n < 1:
@@ -148,10 +153,13 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     tokens: list[int] = []
     for row, (p, gen) in enumerate(zip(params, generators)):
         scores = logits[row]
+        if p.logit_bias:
+            scores = scores.clone()
+            ids = torch.tensor(list(p.logit_bias), device=scores.device)
+            scores[ids] += torch.tensor(list(p.logit_bias.values()), device=scores.device, dtype=scores.dtype)
         if p.banned_token_ids:
             scores = scores.clone()
-            banned = [t for t in p.banned_token_ids if t < scores.numel()]
-            scores[banned] = float("-inf")
+            scores[p.banned_token_ids] = float("-inf")
         if p.temperature == 0:
             tokens.append(int(torch.argmax(scores)))
             continue
@@ -435,7 +443,8 @@ class Engine:
     def _enqueue(self, prompt_ids: Sequence[int], params: SamplingParams, *, prompt_index: int = 0,
                  sample_index: int = 0) -> RequestHandle:
         prompt = self._check_prompt(prompt_ids, prompt_index)
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("banned_token_ids", params.banned_token_ids)):
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("banned_token_ids", params.banned_token_ids),
+                          ("logit_bias", list(params.logit_bias))):
             bad = [t for t in ids if t >= self.vocab_size]
             if bad:
                 raise ValueError(f"SamplingParams.{name}: ids {bad} are outside the vocabulary [0, {self.vocab_size})")
@@ -643,7 +652,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float) -
     parser.add_argument("--seed", type=int, default=None)
 
 
-def _stream(engine: Engine, prompt_ids: list[int], params: SamplingParams, out=sys.stdout) -> Completion:
+def _stream(engine: Engine, prompt_ids: list[int], params: SamplingParams, out=None) -> Completion:
+    out = out or sys.stdout
     handle = engine.submit(prompt_ids, params)
     for delta in handle:
         out.write(delta.text)

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 import uuid
@@ -140,6 +139,7 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) → bias in [-100, 100]
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=0)  # only the sampled token's logprob is returned
     presence_penalty: float | None = Field(default=None, ge=0, le=0)  # not implemented: only 0 is accepted
@@ -161,6 +161,9 @@ class ChatCompletionRequest(_Strict):
                              f"({names})")
         if self.tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs 'tools'")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: {key!r}: {bias} must be a token id mapped to a bias in [-100, 100]")
         if self.stream and self.logprobs:
             raise ValueError("'logprobs' is only supported without 'stream'")
         return self
@@ -248,7 +251,8 @@ class ChatService:
             params = SamplingParams(
                 temperature=temperature, top_p=top_p, top_k=req.top_k or 0, max_tokens=max_tokens,
                 stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []), seed=req.seed, n=req.n,
-                logprobs=req.logprobs, ignore_eos=req.ignore_eos, banned_token_ids=banned)
+                logprobs=req.logprobs, ignore_eos=req.ignore_eos, banned_token_ids=banned,
+                logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()})
         except ValueError as error:
             raise APIError(400, str(error)) from error
         return prompt_ids, forced, params
@@ -509,19 +513,18 @@ def _error_dict(error: Any) -> dict[str, Any]:
 
 
 class ServerThread:
-    """A uvicorn server on a loopback port in a background thread (tests, benchmarks, in-process agents)."""
+    """A uvicorn server on a loopback port in a background thread (tests, benchmarks, in-process agents).
+
+    port=0 picks a free port; `port` / `base_url` are valid once `start()` returns.
+    """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
-        self.host, self.port = host, self.socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
+        self.host, self.port = host, port
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       name="openk2-uvicorn", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, name="openk2-uvicorn", daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -534,12 +537,12 @@ class ServerThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"uvicorn did not start on {self.host}:{self.port}")
             time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
-        self.socket.close()
 
     def __enter__(self) -> ServerThread:
         return self.start()

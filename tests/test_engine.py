@@ -85,9 +85,10 @@ def test_sampling_filters():
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]]).repeat(4, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     params = [SamplingParams(temperature=0), SamplingParams(temperature=5.0, top_k=1),
-              SamplingParams(temperature=5.0, top_p=1e-6), SamplingParams(temperature=0, banned_token_ids=[1])]
-    tokens, logprobs = sample_next_tokens(logits, params, gens)
-    assert tokens == [1, 1, 1, 2]
+              SamplingParams(temperature=5.0, top_p=1e-6), SamplingParams(temperature=0, banned_token_ids=[1]),
+              SamplingParams(temperature=0, logit_bias={4: 2.5})]
+    tokens, logprobs = sample_next_tokens(logits.repeat(2, 1)[:5], params, gens + [None])
+    assert tokens == [1, 1, 1, 2, 4]
     assert logprobs[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
     # top_p 0.6: the two best tokens (≈0.5 + 0.45 mass) stay... only those two can be drawn
     draws = [sample_next_tokens(logits[:1], [SamplingParams(temperature=1.0, top_p=0.6)],
@@ -103,7 +104,8 @@ def test_sampling_filters():
 def test_sampling_params_validation_names_the_field():
     for bad, field in [(dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
                        (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(stop=[""]), "stop"),
-                       (dict(seed=1.5), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids")]:
+                       (dict(seed=1.5), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+                       (dict(logit_bias={3: 101}), "logit_bias")]:
         with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"]

@@ -232,6 +232,7 @@ def _malformed_requests() -> list[tuple[str, str, bytes | None]]:
                   [{"type": "function", "function": {"name": "f", "parameters": "not an object"}}], 7],
         "tool_choice": ["sometimes", {"type": "function", "function": {"name": "nope"}}, "required", 5,
                         {"type": "function"}, {"type": "other", "function": {"name": "get_weather"}}],
+        "logit_bias": [{"x": 1}, {"5": 1000}, {"99999": 5}, [1], {"5": "x"}],
         "logprobs": ["yes", 2],
         "top_logprobs": [5, -1],
         "presence_penalty": [0.5, "x"],
@@ -349,3 +350,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_openk2_chat_and_sample_clis(checkpoint, monkeypatch, capsys):
+    from openk2.engine import main_chat, main_sample
+
+    lines = iter([GREETING, "/reset", GREETING, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main_chat([str(checkpoint), "--dtype", "float32", "--temperature", "0", "--max-seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"k2> {GREETING_REPLY}") == 2 and "(conversation cleared)" in out
+
+    assert main_sample([str(checkpoint), "--prompt", "Hello", "--max-tokens", "5", "--seed", "3",
+                        "--dtype", "float32"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello") and "finish_reason=" in captured.err
