@@ -101,6 +101,14 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     assert bad.listed[0].where == f"{tmp_path / 'ds'} row 2" and bad.listed[0].kind == "field not a string"
     # A DatasetDict: every split, sorted by name.
     assert list(iter_texts([tmp_path / "dd"], text_field="body")) == ["first document"] * 2 + ["second document"]
+    # Inside a directory input, a saved dataset is one source, not a pile of binary .arrow files.
+    (tmp_path / "a.txt").write_text("plain file")
+    (tmp_path / "z.parquet").write_bytes(b"PAR1 not really parquet")
+    bad = BadRecordLog()
+    texts = [d.text for d in data.iter_documents(data.list_sources([tmp_path]), text_field="body", bad=bad)]
+    assert texts == ["plain file", "first document", "first document", "second document",
+                     "first document", "second document"]
+    assert bad.counts == {"field not a string": 2, "unreadable parquet": 1}
 
 
 def test_hf_dataset_without_datasets_installed_is_a_clear_error(tmp_path, monkeypatch):
