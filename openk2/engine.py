@@ -6,8 +6,8 @@ One `Engine` owns one model and one decode cache of `max_batch_size` rows. Every
                                                                              ▲                                   │
                                                                              └──────── row freed, reused ◀───────┘
 
-Each scheduler step first admits waiting requests into free rows (prefill), then decodes one token for every
-active row together. New requests therefore join between decode steps, and a finished row is reused at once.
+Each scheduler step first admits waiting requests into free rows (prefill, in chunks of `prefill_chunk` prompt
+tokens), then decodes one token for every active row together. New requests therefore join between decode steps, and a finished row is reused at once.
 
 Two ways in:
 - `Engine.generate(prompts, params)`: offline and batched (RL rollouts, evaluation, tests); runs the scheduler in
@@ -351,7 +351,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 16,
                  max_seq_len: int | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, prefill_chunk: int = 512):
         if max_batch_size < 1:
             raise ValueError(f"Engine max_batch_size={max_batch_size}: must be >= 1")
         config = getattr(model, "config", None)
@@ -368,6 +368,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.vocab_size = int(getattr(config, "vocab_size", 0) or model.lm_head.weight.shape[0])
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
         self.default_stop_ids = frozenset(self._default_stop_ids(tokenizer))
 
         self._cache = None  # allocated on the first step
@@ -379,7 +380,9 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._shutdown = False
-        self.stats = collections.Counter()  # prefills, decode_steps, tokens, failures (shown by /health)
+        # counters shown by /health; all keys exist from the start so readers never see the dict grow
+        self.stats = collections.Counter(dict.fromkeys(
+            ["prefills", "prefill_tokens", "decode_steps", "generated_tokens", "failures"], 0))
 
     @staticmethod
     def _default_stop_ids(tokenizer: Any) -> list[int]:
@@ -494,12 +497,19 @@ class Engine:
         """One scheduler step: drop cancelled requests, prefill waiting requests into free rows, decode one token
         for all active rows."""
         with self._step_lock:
-            if self._cache is None:
-                self._cache = self.model.init_cache(self.max_batch_size, self.max_seq_len, dtype=self.dtype)
-            self._drop_cancelled()
-            self._admit_waiting()
-            if self._active:
-                self._decode_active()
+            try:
+                if self._cache is None:
+                    self._cache = self.model.init_cache(self.max_batch_size, self.max_seq_len, dtype=self.dtype)
+                self._drop_cancelled()
+                self._admit_waiting()
+                if self._active:
+                    self._decode_active()
+            except Exception as error:  # anything unforeseen: fail what is running, never kill the engine thread
+                self._fail(list(self._active), error)
+                if self._cache is None:  # could not even allocate the cache: nothing waiting can run either
+                    with self._queue_lock:
+                        waiting, self._waiting = list(self._waiting), collections.deque()
+                    self._fail(waiting, error)
 
     def _drop_cancelled(self) -> None:
         with self._queue_lock:
@@ -520,8 +530,10 @@ class Engine:
             try:
                 rows = torch.tensor([seq.row], device=self.device)
                 self._cache.reset(rows)
-                ids = torch.tensor([seq.prompt_ids], device=self.device)
-                logits = self.model(ids, cache=self._cache, cache_rows=rows).logits[:, -1]
+                # in chunks: the model returns logits for every position, [1, T, V] at once would be huge
+                for start in range(0, len(seq.prompt_ids), self.prefill_chunk):
+                    ids = torch.tensor([seq.prompt_ids[start:start + self.prefill_chunk]], device=self.device)
+                    logits = self.model(ids, cache=self._cache, cache_rows=rows).logits[:, -1]
                 tokens, logprobs = sample_next_tokens(logits, [seq.params], [seq.generator])
             except Exception as error:  # a failure on one prompt must not take the engine down
                 self._fail([seq], error)

@@ -134,18 +134,18 @@ class ChatCompletionRequest(_Strict):
     top_k: int | None = Field(default=None, ge=0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a JSON key) → bias in [-100, 100]
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=0)  # only the sampled token's logprob is returned
     presence_penalty: float | None = Field(default=None, ge=0, le=0)  # not implemented: only 0 is accepted
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
     response_format: ResponseFormat | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     user: str | None = None
 
     @model_validator(mode="after")
@@ -250,8 +250,8 @@ class ChatService:
         try:
             params = SamplingParams(
                 temperature=temperature, top_p=top_p, top_k=req.top_k or 0, max_tokens=max_tokens,
-                stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []), seed=req.seed, n=req.n,
-                logprobs=req.logprobs, ignore_eos=req.ignore_eos, banned_token_ids=banned,
+                stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []), seed=req.seed, n=req.n or 1,
+                logprobs=bool(req.logprobs), ignore_eos=bool(req.ignore_eos), banned_token_ids=banned,
                 logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()})
         except ValueError as error:
             raise APIError(400, str(error)) from error

@@ -55,13 +55,14 @@ def full_forward_greedy(model, prompt, steps):
 
 def test_greedy_batched_equals_single_and_full_forward(model, tokenizer):
     prompts = make_prompts([5, 11, 2, 17])
-    params = SamplingParams(max_tokens=24, logprobs=True, **GREEDY)
+    params = SamplingParams(max_tokens=20, logprobs=True, **GREEDY)
     # 4 prompts on 3 rows: the last one waits for a free row, so row reuse is exercised too
-    batched = Engine(model, tokenizer, max_batch_size=3, max_seq_len=64).generate(prompts, params)
+    # prefill_chunk=8: the 11- and 17-token prompts are prefilled in several chunks
+    batched = Engine(model, tokenizer, max_batch_size=3, max_seq_len=64, prefill_chunk=8).generate(prompts, params)
     one_engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=64)
     for prompt, got in zip(prompts, batched):
         alone = one_engine.generate([prompt], params)[0]
-        reference, ref_logprobs = full_forward_greedy(model, prompt, 24)
+        reference, ref_logprobs = full_forward_greedy(model, prompt, 20)
         assert got.token_ids == alone.token_ids == reference
         assert got.finish_reason == "length" and got.prompt_tokens == len(prompt)
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref_logprobs), atol=1e-4, rtol=0)
