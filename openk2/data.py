@@ -818,9 +818,10 @@ class CorpusInfo:
     @classmethod
     def from_dir(cls, out_dir: str | os.PathLike, *, reused: bool = True) -> "CorpusInfo":
         meta = load_meta(out_dir)
-        sp = meta["splits"]
-        return cls(Path(out_dir), sp["train"]["tokens"], sp["val"]["tokens"], sp["train"]["documents"],
-                   sp["val"]["documents"], meta.get("text_bytes", 0), meta.get("bad_records", {}),
+        empty = {"tokens": 0, "documents": 0}
+        train, val = (meta["splits"].get(split, empty) for split in SPLITS)
+        return cls(Path(out_dir), train["tokens"], val["tokens"], train["documents"] or 0, val["documents"] or 0,
+                   meta.get("text_bytes", 0), meta.get("bad_records", {}),
                    meta["tokenizer"].get("fingerprint", ""), meta["tokenizer"]["vocab_size"], meta["fingerprint"],
                    meta.get("seconds", 0.0), reused, [s["path"] for s in meta.get("sources", [])])
 
