@@ -224,7 +224,7 @@ def _orthogonalize_sharded(jobs: list[_ShardedMatrix], ns_steps: int) -> tuple[f
         group, rank, world = _shard0_layout(job.param)
         rows = job.param.shape[0]
         chunk = -(-rows // world)
-        padded = torch.zeros(chunk, *job.param.shape[1:], dtype=torch.bfloat16)
+        padded = job.update_local.new_zeros(chunk, *job.param.shape[1:], dtype=torch.bfloat16)
         padded[: job.update_local.shape[0]] = job.update_local
         owner_global = dist.get_global_rank(group, job.owner)
         gather_list = [torch.empty_like(padded) for _ in range(world)] if rank == job.owner else None
@@ -233,7 +233,7 @@ def _orthogonalize_sharded(jobs: list[_ShardedMatrix], ns_steps: int) -> tuple[f
     scatters = []
     for job, group, rank, world, chunk, gather_list, work, owner_global in gathers:
         work.wait()
-        out = torch.empty(chunk, *job.param.shape[1:], dtype=torch.bfloat16)
+        out = job.update_local.new_empty(chunk, *job.param.shape[1:], dtype=torch.bfloat16)
         scatter_list = None
         if rank == job.owner:
             full = torch.cat(gather_list)[: job.param.shape[0]]
@@ -301,6 +301,7 @@ class _StepTally:
     update_sq_sum: float = 0.0
     update_count: int = 0
     any_dtensor: bool = False
+    device: torch.device | None = None  # where collectives run (NCCL needs the accelerator)
     _owner_cursor: int = 0
 
     def add_update(self, ortho: Tensor, scale: float, counted: bool = True) -> None:
@@ -314,7 +315,8 @@ class _StepTally:
         return owner
 
     def update_rms(self) -> float:
-        totals = torch.tensor([self.update_sq_sum, float(self.update_count)], dtype=torch.float64)
+        totals = torch.tensor([self.update_sq_sum, float(self.update_count)], dtype=torch.float64,
+                              device=self.device)
         if self.any_dtensor and _dist_ready():
             dist.all_reduce(totals)
         return math.sqrt(totals[0].item() / totals[1].item()) if totals[1] > 0 else 0.0
@@ -325,6 +327,8 @@ def _collect_grads(group: dict, names: dict[Tensor, str] | None, tally: _StepTal
     params = [p for p in group["params"] if p.grad is not None]
     grads = [p.grad for p in params]
     tally.any_dtensor |= any(_is_dtensor(p) for p in params)
+    if params and tally.device is None:
+        tally.device = _local(params[0]).device
     flags = _nonfinite_flags(grads, tally.any_dtensor)
     keep_p, keep_g = [], []
     for p, g, bad in zip(params, grads, flags):

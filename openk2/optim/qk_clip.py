@@ -47,6 +47,7 @@ def scale_rows_(weight: Tensor, row_scale: Tensor) -> None:
     bit-identical. DTensor sharded on dim 0: each rank scales only its rows (no communication)."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+    row_scale = row_scale.to(weight.device)
     if weight.shape[0] != row_scale.shape[0]:
         raise ValueError(f"qk_clip.scale_rows_: weight has {weight.shape[0]} rows, scale has {row_scale.shape[0]}")
     if isinstance(weight, DTensor):
@@ -94,7 +95,7 @@ def clip_mla_(
     q_rows = torch.cat([gamma.sqrt()[:, None].expand(H, qk_nope_head_dim),  # q_nope: sqrt(gamma)
                         gamma[:, None].expand(H, qk_rope_head_dim)], dim=1)  # q_rope: gamma (k_rope is shared)
     kv_rows = torch.cat([gamma.sqrt()[:, None].expand(H, qk_nope_head_dim),  # k_nope: sqrt(gamma)
-                         torch.ones(H, v_head_dim)], dim=1)  # V untouched
+                         torch.ones(H, v_head_dim, device=gamma.device)], dim=1)  # V untouched
     scale_rows_(q_weight, q_rows.reshape(-1))
     scale_rows_(kv_b_weight, kv_rows.reshape(-1))
     return clipped
