@@ -405,3 +405,13 @@ def test_prepare_cli_trains_a_tokenizer_then_reuses_the_preparation(corpus_dir, 
     assert data.main(again) == 0 and "nothing to do" in capsys.readouterr().err
     assert data.main([str(tmp_path / "nope.txt"), "--out", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_progress_bar_and_summary_are_printed(corpus_dir, tokenizer, tmp_path, capsys):
+    info = prepare_corpus([corpus_dir / "c.jsonl", corpus_dir / "d.parquet"], tokenizer, tmp_path / "out",
+                          num_workers=0, progress=True, val_fraction=0.1)
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "tokenizing" in printed and "docs" in printed
+    assert f"prepared {info.train_documents + info.val_documents} documents" in printed
+    assert "bad records: 1" in printed and f"{corpus_dir / 'd.parquet'}: missing field" in printed
