@@ -146,39 +146,54 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                        generators: Sequence[torch.Generator | None]) -> tuple[list[int], list[float]]:
     """Sample one token per row of `logits` [B, V]; returns (token ids, raw-logit logprobs of those tokens).
 
-    Rows are processed one by one (B ≤ max_batch_size) so each draws only from its own generator.
+    Batched over rows (no per-row device syncs). Each row draws one uniform number from its own generator and
+    picks its token by inverting the CDF of its filtered distribution, so a seeded row gets the same token whatever
+    the other rows are.
     """
     logits = logits.float()
+    B, V = logits.shape
+    device = logits.device
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    tokens: list[int] = []
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        scores = logits[row]
-        if p.logit_bias:
-            scores = scores.clone()
-            ids = torch.tensor(list(p.logit_bias), device=scores.device)
-            scores[ids] += torch.tensor(list(p.logit_bias.values()), device=scores.device, dtype=scores.dtype)
-        if p.banned_token_ids:
-            scores = scores.clone()
-            scores[p.banned_token_ids] = float("-inf")
-        if p.temperature == 0:
-            tokens.append(int(torch.argmax(scores)))
-            continue
-        scores = scores / p.temperature
-        if 0 < p.top_k < scores.numel():
-            kth_best = torch.topk(scores, p.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth_best, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-            # drop a token when the mass *before* it already reaches top_p (the first token always stays)
-            drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= p.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-            scores = scores.masked_fill(drop, float("-inf"))
+    scores = logits
+    if any(p.logit_bias or p.banned_token_ids for p in params):
+        scores = scores.clone()
+        for row, p in enumerate(params):
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=device)
+                scores[row, ids] += torch.tensor(list(p.logit_bias.values()), device=device)
+            if p.banned_token_ids:
+                scores[row, p.banned_token_ids] = float("-inf")
+    greedy_tokens = torch.argmax(scores, dim=-1)
+    greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+    if bool(greedy.all()):
+        tokens = greedy_tokens
+    else:
+        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1)
+        scores = scores / temperature
+        top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+        if any(top_k):
+            kth_best = torch.topk(scores, max(top_k), dim=-1).values  # [B, max k]
+            k_index = torch.tensor([max(k, 1) - 1 for k in top_k], device=device).unsqueeze(1)
+            threshold = kth_best.gather(1, k_index)
+            threshold[torch.tensor(top_k, device=device) == 0] = float("-inf")
+            scores = scores.masked_fill(scores < threshold, float("-inf"))
+        if any(p.top_p < 1.0 for p in params):
+            # drop a token when the mass of the better tokens already reaches top_p (the best token always stays)
+            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device).unsqueeze(1)
+            sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+            sorted_probs = torch.softmax(sorted_scores, dim=-1)
+            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+            scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
-    index = torch.tensor(tokens, device=logits.device)
-    chosen = raw_logprobs[torch.arange(len(tokens), device=logits.device), index]
-    return tokens, chosen.tolist()
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=g, device=device) for g in generators]).unsqueeze(1)
+        sampled = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1)
+        # float rounding at the very top of the CDF must not land on a zero-probability tail token
+        last_allowed = torch.where(probs > 0, torch.arange(V, device=device), 0).amax(dim=-1)
+        sampled = torch.minimum(sampled, last_allowed)
+        tokens = torch.where(greedy, greedy_tokens, sampled)
+    chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens.tolist(), chosen.tolist()
 
 
 # --------------------------------------------------------------------------------------------- detokenization
