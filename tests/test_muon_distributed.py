@@ -2,7 +2,9 @@
 
 The worker (tests/muon_dist_worker.py) trains the tiny openk2 model for 4 steps with QK-Clip firing, sharded by
 `fully_shard` (2-D matrices go through the owner-computes gather/scatter, 3-D expert stacks are orthogonalized
-locally per whole expert), next to a single-process reference fed the same global batch.
+locally per whole expert), next to a single-process reference fed the same global batch; then openk2.parallel's
+expert-parallel + FSDP2 layout (expert stacks on the 2-D (dp, ep) mesh) against a reference given the same
+gradients; plus an odd-sized model for uneven shards.
 
 Tolerance: the two runs do the same floating-point operations on the same bits (see the worker's docstring), so
 the expected difference is exactly 0. We allow 1e-6 of the distance the weights moved, for a BLAS that blocks a
@@ -59,3 +61,12 @@ def test_fsdp2_uneven_shards(dist_result):
     assert uneven["local_rows"] == [9, 8]  # 17 rows over 2 ranks
     assert uneven["max_diff"] <= 1e-7
     assert uneven["update_rms"][0] == pytest.approx(uneven["update_rms"][1], rel=1e-6)
+
+
+def test_expert_parallel_layout_same_update(dist_result):
+    """openk2.parallel with ep=2: expert stacks are DTensors on the (dp, ep) mesh, sharded on the expert dim by
+    both; given the same gradient and signal, the update is the single-process one (orthogonalized locally)."""
+    ep = dist_result["expert_parallel"]
+    assert all("Shard(dim=0)" in p and "Replicate" not in p for p in ep["expert_placements"].values())
+    assert ep["clipped_heads"] > 0
+    assert ep["max_diff"] <= 1e-7, ep["max_diff"]
