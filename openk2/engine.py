@@ -222,6 +222,13 @@ class _Detokenizer:
             return delta
         return ""
 
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes to U+FFFD)."""
+        done_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        rest = self.tokenizer.decode(self.ids[self.prefix:])[len(done_text):]
+        self.prefix = self.read = len(self.ids)
+        return rest
+
 
 def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of `text` that is a proper prefix of some stop string (held back in streams)."""
@@ -576,7 +583,7 @@ class Engine:
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
         self.stats["generated_tokens"] += 1
-        finish = None
+        finish, cut = None, None
         if token in seq.stop_ids:
             finish = "stop"
         else:
@@ -589,6 +596,8 @@ class Engine:
         if finish is None and len(seq.output_ids) >= seq.max_new_tokens:
             finish = "length"
         if finish is not None:
+            if cut is None:  # release bytes of an unfinished character (as U+FFFD): text == decode(ids)
+                seq.text += seq.detok.flush()
             self._finish(seq, finish, new_token=True)
             return
         safe = len(seq.text) - _partial_stop_len(seq.text, seq.params.stop)

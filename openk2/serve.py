@@ -306,10 +306,11 @@ class ChatService:
             return None
         tokenizer = self.engine.tokenizer
         content = []
+        token_bytes = getattr(tokenizer, "decode_bytes", None)
         for token, logprob in zip(completion.token_ids, completion.logprobs):
             text = tokenizer.decode([token])
-            content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
-                            "top_logprobs": []})
+            raw = token_bytes([token]) if token_bytes is not None else text.encode("utf-8")
+            content.append({"token": text, "logprob": logprob, "bytes": list(raw), "top_logprobs": []})
         return {"content": content}
 
 

@@ -365,3 +365,21 @@ def test_openk2_chat_and_sample_clis(checkpoint, monkeypatch, capsys):
                         "--dtype", "float32"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("Hello") and "finish_reason=" in captured.err
+
+
+def test_a_disconnected_stream_frees_its_row(server):
+    engine = server.engine
+    before = engine.stats["generated_tokens"]
+    body = {"model": "m", "messages": [{"role": "user", "content": GREETING}], "max_tokens": 200,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert all(line.startswith("data: ") or not line for line in received)
+        assert engine.num_active == 1
+    deadline = time.monotonic() + 30  # the client hung up mid-answer: the sequence is cancelled
+    while engine.num_active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.num_active == 0 and len(engine._free_rows) == engine.max_batch_size
+    print("tokens generated before the cancel:", engine.stats["generated_tokens"] - before)
+    assert engine.stats["generated_tokens"] - before < 200
