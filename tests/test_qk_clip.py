@@ -194,3 +194,25 @@ def test_full_loop_keeps_max_logit_near_tau():
     assert sum(free_clipped) == 0 and free[-1] > 3 * tau
     assert sum(clipped) > 0 and max(seen) > tau
     assert max(seen[4:]) < 1.5 * tau and free[-1] > 3 * max(seen)
+
+
+def test_gradient_accumulation_clips_on_the_max_over_micro_batches():
+    torch.manual_seed(0)
+    model = TinyLM(num_heads=4, num_kv_heads=2, head_dim=8)
+    opt = MuonClip(model, lr=0.0, qk_clip_tau=1e9)
+    target = opt.attention_targets[0]
+    signals = []
+    for _ in range(2):  # two micro-batches of one step
+        ids = torch.randint(0, 40, (2, 16))
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        signals.append(model.attn.max_logits.clone())
+    with torch.no_grad():  # a validation forward in between is not part of the step's batch
+        model(torch.randint(0, 40, (8, 16)) * 0 + 3)
+    expected = torch.maximum(*signals)
+    assert not torch.equal(signals[0], signals[1])
+    assert torch.equal(target.running_max, expected)
+    opt.step()
+    assert opt.last_stats["max_logit"] == pytest.approx(float(expected.max()))
+    assert target.running_max is None
+    opt.step()  # no new forward: nothing to clip on, no stale signal reused
+    assert math.isnan(opt.last_stats["max_logit"]) and opt.last_stats["clipped_heads"] == 0

@@ -535,7 +535,7 @@ class MuonClip(torch.optim.Optimizer):
         self.qk_clip_tau = qk_clip_tau
         self.attention_targets: list = []
         if qk_clip_tau is not None:
-            from openk2.optim.qk_clip import find_attention_modules
+            from openk2.optim.qk_clip import find_attention_modules, track_max_logits
 
             if not isinstance(model_or_params, nn.Module):
                 raise ValueError("MuonClip: QK-Clip needs the model (an nn.Module) to find its attention modules; "
@@ -548,6 +548,7 @@ class MuonClip(torch.optim.Optimizer):
                     "docs/muonclip.md). Pass qk_clip_tau=None to train without QK-Clip.")
             for target in self.attention_targets:
                 target.module.record_max_logits = True
+            self._hooks = track_max_logits(self.attention_targets)
         self.last_stats: dict[str, Any] = {}
 
     def muon_param_names(self) -> list[str]:

@@ -165,6 +165,44 @@ class AttentionTarget:
     kind: str
     num_heads: int
     last_signal: Tensor | None = None  # the max_logits tensor already clipped on (never clip twice on one signal)
+    running_max: Tensor | None = None  # max over the training forwards since the last clip (gradient accumulation)
+    _seen: Tensor | None = None
+
+    def observe(self) -> None:
+        """Fold the module's latest recorded signal into running_max (called by a forward hook)."""
+        signal = getattr(self.module, "max_logits", None)
+        if signal is None or signal is self._seen or signal is self.last_signal:
+            return
+        self._seen = signal
+        signal = signal.detach().float()
+        self.running_max = signal.clone() if self.running_max is None else torch.maximum(self.running_max, signal)
+
+    def take_signal(self) -> Tensor | None:
+        """The signal to clip on now: the running max over this step's training forwards, or else a recorded
+        max_logits not clipped on yet (e.g. set by hand); None when there is nothing new."""
+        signal = self.running_max
+        if signal is None:
+            current = getattr(self.module, "max_logits", None)
+            if current is not None and current is not self.last_signal:
+                signal = current
+        self.running_max = None
+        self.last_signal = getattr(self.module, "max_logits", None)
+        return signal
+
+
+def track_max_logits(targets: list[AttentionTarget]) -> list:
+    """Forward hooks that keep each target's running max over all grad-enabled forwards between two clips, so
+    with gradient accumulation the clip sees the max over the whole step's batch, not the last micro-batch.
+    Forwards under no_grad (validation) are ignored. Returns the hook handles."""
+
+    def make_hook(target: AttentionTarget):
+        def hook(module, args, output):
+            if torch.is_grad_enabled():
+                target.observe()
+
+        return hook
+
+    return [t.module.register_forward_hook(make_hook(t)) for t in targets]
 
 
 def find_attention_modules(model: nn.Module) -> list[AttentionTarget]:
@@ -215,24 +253,23 @@ def _clip_one(t: AttentionTarget, max_logits: Tensor, tau: float) -> Tensor:
 
 @torch.no_grad()
 def apply_qk_clip(targets: list[AttentionTarget], tau: float) -> dict[str, Any]:
-    """Read every target's `max_logits` [H], all-reduce (MAX) across ranks, clip, and return stats:
+    """Take every target's signal (the running max of this step's forwards, see track_max_logits, or its recorded
+    `max_logits` [H]), all-reduce (MAX) across ranks, clip, and return stats:
     max_logit_per_layer (list, NaN for a layer with no fresh signal), max_logit, clipped_heads."""
-    fresh = [t for t in targets if getattr(t.module, "max_logits", None) is not None
-             and t.module.max_logits is not t.last_signal]
     per_layer = {t.name: float("nan") for t in targets}
     clipped_heads = 0
+    taken = [(t, t.take_signal()) for t in targets]
+    fresh = [(t, s) for t, s in taken if s is not None]
     if fresh:
-        signals = [t.module.max_logits for t in fresh]
-        flat = torch.cat([s.detach().float().reshape(-1) for s in signals])
+        flat = torch.cat([s.detach().float().reshape(-1) for _, s in fresh])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat, op=dist.ReduceOp.MAX)  # every replica clips identically
-        for t, s, logits in zip(fresh, signals, flat.split([s.numel() for s in signals])):
+        for (t, s), logits in zip(fresh, flat.split([s.numel() for _, s in fresh])):
             if logits.numel() != t.num_heads:
                 raise ValueError(f"qk_clip: {t.name}.max_logits has {logits.numel()} entries, expected "
                                  f"{t.num_heads} heads")
             clipped_heads += int(_clip_one(t, logits, tau).sum())
             per_layer[t.name] = float(logits.max())
-            t.last_signal = s
     values = [v for v in per_layer.values() if not math.isnan(v)]
     return {"max_logit_per_layer": list(per_layer.values()), "max_logit": max(values) if values else float("nan"),
             "clipped_heads": clipped_heads}
