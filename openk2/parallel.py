@@ -311,7 +311,7 @@ class ExpertParallelExperts(nn.Module):
             local = full.detach()[first : first + self.num_local].clone()
             dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
             self.register_parameter(name, nn.Parameter(dt, requires_grad=full.requires_grad))
-        # Anything else the original module carried (e.g. an activation choice) is kept for the expert math.
+        # openk2's experts are SwiGLU (SiLU gate); a module that names its activation (act_fn / act) keeps it.
         self.act = getattr(experts, "act_fn", None) or getattr(experts, "act", None) or nn.functional.silu
 
     def _expert_mlp(self, rows: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -320,7 +320,8 @@ class ExpertParallelExperts(nn.Module):
         Every local expert takes part even with zero rows, so its weights get a zero gradient (not None) and
         FSDP's gradient reduction is the same on every rank."""
         gate_w, up_w, down_w = (_local(getattr(self, n)).to(dtype) for n in _EXPERT_STACKS)
-        if hasattr(torch, "_grouped_mm"):  # one kernel for all local experts (as the model's RoutedExperts)
+        # One kernel for all local experts (as the model's RoutedExperts); CUDA's grouped GEMM wants bf16.
+        if hasattr(torch, "_grouped_mm") and (rows.device.type == "cpu" or dtype == torch.bfloat16):
             offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
             gate = torch._grouped_mm(rows, gate_w.transpose(-2, -1), offs=offsets)
             up = torch._grouped_mm(rows, up_w.transpose(-2, -1), offs=offsets)
