@@ -339,7 +339,7 @@ class RequestHandle:
         return self._completion
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: sequences are found in / removed from lists by identity
 class _Sequence:
     """Engine-side state of one request."""
 
@@ -349,7 +349,7 @@ class _Sequence:
     generator: torch.Generator
     stop_ids: frozenset[int]
     max_new_tokens: int  # params.max_tokens capped by the cache room left after the prompt
-    detok: _Detokenizer
+    detok: Any  # K2Tokenizer.incremental_decoder() or _Detokenizer: push(id) -> text, flush() -> text
     prompt_index: int = 0
     sample_index: int = 0
     row: int | None = None

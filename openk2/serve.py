@@ -270,11 +270,9 @@ class ChatService:
             prefix += f"functions.{name}:{self._next_call_index(messages)}{TOOL_ARGUMENT_BEGIN}"
         return prefix
 
-    def _next_call_index(self, messages: list[dict[str, Any]]) -> int:
-        """IDX of the next tool call, by the convention openk2.chat renders (dialog-global counter or per turn)."""
-        counter = getattr(self.chat, "next_tool_call_index", None)
-        if counter is not None:
-            return counter(messages)
+    @staticmethod
+    def _next_call_index(messages: list[dict[str, Any]]) -> int:
+        """IDX of the next tool call: openk2.chat numbers calls with a dialog-global counter (the paper's rule)."""
         return sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
 
     # engine → response -------------------------------------------------------------------------------------------
@@ -315,14 +313,8 @@ class ChatService:
 
 
 def _openai_tool_call(call: Any) -> dict[str, Any]:
-    """A parsed K2 tool call in OpenAI's shape (arguments as a JSON string)."""
-    get = call.get if isinstance(call, dict) else (lambda key, default=None: getattr(call, key, default))
-    function = get("function")
-    name = get("name") or (function or {}).get("name")
-    arguments = get("arguments") if get("arguments") is not None else (function or {}).get("arguments")
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": get("id"), "type": "function", "function": {"name": name, "arguments": arguments}}
+    """A parsed K2 tool call (openk2.chat.ToolCall) in OpenAI's shape: {"id", "type", "function"}."""
+    return call.to_openai()
 
 
 def create_app(engine: Engine, model_name: str = "openk2") -> FastAPI:

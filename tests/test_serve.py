@@ -130,6 +130,17 @@ def test_streamed_completion(client):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
 
+    # n=2: the choices' chunks interleave, each carries its index
+    stream = client.chat.completions.create(model="tool-chat-tiny", temperature=0, max_tokens=40, stream=True, n=2,
+                                            messages=[{"role": "user", "content": GREETING}])
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {0: GREETING_REPLY, 1: GREETING_REPLY} and finishes == {0: "stop", 1: "stop"}
+
 
 def test_tool_call_round_trip(client):
     messages = [{"role": "user", "content": QUESTION}]
