@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -363,7 +365,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_openk2_chat_and_sample_clis(checkpoint, monkeypatch, capsys):
+def test_openk2_chat_and_sample_clis(checkpoint, monkeypatch, capsys, tmp_path):
+    from openk2.checkpoint import write_latest_pointer
     from openk2.engine import main_chat, main_sample
 
     lines = iter([GREETING, "/reset", GREETING, "/exit"])
@@ -372,10 +375,17 @@ def test_openk2_chat_and_sample_clis(checkpoint, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count(f"k2> {GREETING_REPLY}") == 2 and "(conversation cleared)" in out
 
-    assert main_sample([str(checkpoint), "--prompt", "Hello", "--max-tokens", "5", "--seed", "3",
+    # `openk2 sample RUN_DIR`: the run's newest checkpoint (checkpoints/latest names it)
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpoint, run_dir / "checkpoints" / "step_000010")
+    write_latest_pointer(run_dir / "checkpoints", "step_000010")
+    assert main_sample([str(run_dir), "--prompt", "Hello", "--max-tokens", "5", "--seed", "3",
                         "--dtype", "float32"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("Hello") and "finish_reason=" in captured.err
+    assert captured.out.startswith("Hello") and re.search(r"\[\d tokens, finish_reason=(length|stop)\]", captured.err)
+
+    assert main_sample([str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "no such checkpoint or run directory" in capsys.readouterr().err
 
 
 def test_a_disconnected_stream_frees_its_row(server):
