@@ -92,7 +92,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    engine = load_engine(str(checkpoint), dtype="float32", max_batch_size=16, max_seq_len=256)
+    engine = load_engine(str(checkpoint), dtype="float32", max_batch_size=16, max_seq_len=2048)
     with ServerThread(create_app(engine, "tool-chat-tiny")) as running:
         running.engine = engine
         yield running
@@ -228,7 +228,7 @@ def _malformed_requests() -> list[tuple[str, str, bytes | None]]:
                      [{"role": "user", "content": "x", "tool_calls": [
                          {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
                      [{"role": "assistant", "tool_calls": [{"id": "a", "function": {"name": "f b"}}]}],
-                     [{"role": "assistant", "tool_calls": "x"}], [{"role": "user", "content": "x" * 5000}]],
+                     [{"role": "assistant", "tool_calls": "x"}], [{"role": "user", "content": "x" * 20000}]],
         "temperature": [-1, -0.01, 2.5, "hot", "0.5", True, [], {}],
         "top_p": [-0.1, 1.5, "x", [0.5]],
         "top_k": [-1, 1.5, "3"],
@@ -391,16 +391,15 @@ def test_openk2_chat_and_sample_clis(checkpoint, monkeypatch, capsys, tmp_path):
 def test_a_disconnected_stream_frees_its_row(server):
     engine = server.engine
     before = engine.stats["generated_tokens"]
-    body = {"model": "m", "messages": [{"role": "user", "content": GREETING}], "max_tokens": 200,
+    body = {"model": "m", "messages": [{"role": "user", "content": GREETING}], "max_tokens": 1500,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert all(line.startswith("data: ") or not line for line in received)
-        assert engine.num_active == 1
     deadline = time.monotonic() + 30  # the client hung up mid-answer: the sequence is cancelled
     while engine.num_active and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.num_active == 0 and len(engine._free_rows) == engine.max_batch_size
     print("tokens generated before the cancel:", engine.stats["generated_tokens"] - before)
-    assert engine.stats["generated_tokens"] - before < 200
+    assert engine.stats["generated_tokens"] - before < 1500
