@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         tps = r["tokens_per_s_per_process"]
         print(f"{name:<24}{r['step_s']:>9.3f}{tps:>12.0f}{tps / anchor:>10.2f}x{tps * r['world']:>13.0f}")
-    print("\nbytes sent per rank per step (2 processes, pure DP)")
+    comm["MuonClip, EP=2 + FSDP"] = rows["2 proc EP=2 + FSDP2"]  # all-to-all tokens instead of sharded experts
+    print("\nbytes sent per rank per step (2 processes; pure DP unless EP says otherwise)")
     baseline = comm["AdamW, ZeRO-1 layout"]
     base_total = baseline["fwd_bwd_bytes"] + baseline["optimizer_bytes"]
     print(f"{'run':<26}{'fwd+bwd MB':>11}{'optimizer MB':>14}{'total MB':>10}{'vs ZeRO-1 AdamW':>17}")
