@@ -244,7 +244,14 @@ class MLA(nn.Module):
             probs = torch.softmax(scores, dim=-1).to(v.dtype)
             out = torch.matmul(probs, v)
         else:
+            # CPU's flash kernel needs equal q/k and v head sizes (else SDPA takes the slow math path that
+            # materializes the T x T scores): zero-pad the smaller side; zeros change neither scores nor outputs.
+            if self.v_dim < self.qk_dim:
+                v = F.pad(v, (0, self.qk_dim - self.v_dim))
+            elif self.v_dim > self.qk_dim:
+                q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            out = out[..., : self.v_dim]
         return out.transpose(1, 2).reshape(B, T, nh * self.v_dim)
 
     # -- decode path: compressed cache + weight absorption ------------------------------------------------------
@@ -356,34 +363,33 @@ class RoutedExperts(nn.Module):
         flat_expert = topk_idx.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        x_sorted = x[order // k].to(dtype)  # [N*k, H]
-        gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1).to(dtype)  # [E, 2I, H]
-        down = self.down_proj.to(dtype)
+        x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
+        weights = [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]  # no-op unless autocast
         if self.dispatch == "grouped_mm":
-            y_sorted = self._grouped_mm_swiglu(x_sorted, counts, gate_up, down)
+            y_sorted = self._grouped_mm_swiglu(x_sorted, counts, *weights)
         else:
-            y_sorted = self._padded_bmm_swiglu(x_sorted, counts, flat_expert[order], gate_up, down)
-        y = torch.empty_like(y_sorted)
-        y[order] = y_sorted  # back to (token, slot) order
-        y = (y.view(N, k, -1).float() * topk_weight.unsqueeze(-1).float()).sum(dim=1)
+            y_sorted = self._padded_bmm_swiglu(x_sorted, counts, flat_expert[order], *weights)
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y = y_sorted.index_select(0, unsort).view(N, k, -1)  # back to (token, slot) order
+        # weighted sum over the k slots as one batched matmul (fp32 accumulation inside the kernel)
+        y = torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y).squeeze(1)
         return y.to(x.dtype)
 
-    def _grouped_mm_swiglu(self, xs, counts, gate_up, down):
+    def _grouped_mm_swiglu(self, xs, counts, gate, up, down):
         offsets = counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offsets)
-        gate, up = h.split(self.intermediate_size, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
+        h = F.silu(torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offsets))
+        h = h * torch._grouped_mm(xs, up.transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
 
-    def _padded_bmm_swiglu(self, xs, counts, sorted_expert, gate_up, down):
+    def _padded_bmm_swiglu(self, xs, counts, sorted_expert, gate, up, down):
         capacity = int(counts.max()) if xs.shape[0] else 0
         starts = counts.cumsum(0) - counts
         slot = torch.arange(xs.shape[0], device=xs.device) - starts[sorted_expert]
         padded = xs.new_zeros(self.num_experts, capacity, xs.shape[-1])
         padded[sorted_expert, slot] = xs
-        h = torch.bmm(padded, gate_up.transpose(-2, -1))
-        gate, up = h.split(self.intermediate_size, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, down.transpose(-2, -1))
-        return out[sorted_expert, slot]
+        h = F.silu(torch.bmm(padded, gate.transpose(-2, -1))) * torch.bmm(padded, up.transpose(-2, -1))
+        return torch.bmm(h, down.transpose(-2, -1))[sorted_expert, slot]
 
 
 class MoE(nn.Module):

@@ -1,0 +1,171 @@
+"""Model benchmarks: openk2 K2ForCausalLM vs transformers' DeepseekV3ForCausalLM, same config, same weights,
+same process (issue 2).
+
+1. Train step (forward + backward + AdamW) tokens/s, fp32 and bf16 autocast, at `tiny` and `small`
+   (small: 2048 tokens per step, batch 4 x 512). MFU = model FLOPs/s / measured matmul peak of the same dtype in
+   this run, with model FLOPs per token = openk2.config.flops_per_token(cfg, seq_len)
+   = 6 * (active matmul parameters) + 6 * L * heads * (qk_head_dim + v_head_dim) * seq_len / 2.
+2. Decode tokens/s at a 1024-token context, batch 1 and 8: our absorbed latent cache vs transformers `generate`
+   (greedy, its default cache). Only the decode steps are timed: ours after a per-row prefill; theirs as
+   time(generate 1 + n tokens) - time(generate 1 token).
+3. KV-cache bytes per token: latent c_kv + k_rope vs a per-head K/V cache, for `small` and `k2` (bf16).
+
+    python benchmarks/bench_model.py            # full (minutes; run on a quiet machine)
+    python benchmarks/bench_model.py --quick    # sanity run (seconds)
+
+Goals (issue 2, at small): fp32 >= 1.1x, bf16 >= 2x transformers and >= 40 % of the bf16 matmul peak;
+decode >= 3x at batch 1 and >= 2x at batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from openk2.config import K2Config, flops_per_token
+from openk2.model import K2ForCausalLM
+
+
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Best-of FLOP/s of a square matmul in `dtype` (the MFU denominator)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def paired_models(cfg: K2Config):
+    """Ours and transformers' model holding the same weights (transformers' random init, copied to ours)."""
+    import transformers
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from openk2.checkpoint import load_hf_state_dict
+
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "model_type"}
+    hf_config = transformers.DeepseekV3Config(**fields, num_mtp_layers=0)
+    hf_config._attn_implementation = "sdpa"
+    theirs = transformers.DeepseekV3ForCausalLM(hf_config)
+    ours = K2ForCausalLM(cfg)
+    load_hf_state_dict(ours, revert_weight_conversion(theirs, theirs.state_dict()))
+    return ours, theirs
+
+
+def time_train_steps(model, ids, labels, autocast_dtype, steps: int, warmup: int) -> float:
+    """Median seconds per train step (forward + backward + AdamW step)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        with ctx:
+            loss = model(ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_train(name: str, cfg: K2Config, batch: int, seq: int, steps: int, warmup: int, peaks: dict) -> list:
+    rows = []
+    ours, theirs = paired_models(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    tokens = batch * seq
+    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        t_ours = time_train_steps(ours, ids, ids, dtype, steps, warmup)
+        t_theirs = time_train_steps(theirs, ids, ids, dtype, steps, warmup)
+        flops = flops_per_token(cfg, seq) * tokens
+        peak = peaks[label]
+        rows.append((f"train {name} {label} ({tokens} tok/step)", tokens / t_ours, tokens / t_theirs,
+                     f"MFU ours {100 * flops / t_ours / peak:.0f}% / hf {100 * flops / t_theirs / peak:.0f}%"))
+    return rows
+
+
+@torch.no_grad()
+def bench_decode(cfg: K2Config, batch: int, context: int, new_tokens: int) -> tuple:
+    ours, theirs = paired_models(cfg)
+    ours.eval()
+    theirs.eval()
+    prompts = torch.randint(0, cfg.vocab_size, (batch, context))
+
+    cache = ours.init_cache(batch, context + new_tokens + 1)
+    for row in range(batch):  # prefill one request per call, as the engine does
+        logits = ours(prompts[row : row + 1], cache=cache, cache_rows=torch.tensor([row])).logits
+    token = torch.randint(0, cfg.vocab_size, (batch, 1))
+    ours(token, cache=cache)  # warm-up step
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = ours(token, cache=cache).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    t_ours = time.perf_counter() - start
+
+    def generate(n: int) -> float:
+        start = time.perf_counter()
+        theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=cfg.pad_token_id)
+        return time.perf_counter() - start
+
+    generate(2)  # warm-up
+    t_theirs = max(generate(1 + new_tokens) - generate(1), 1e-9)
+    tokens = batch * new_tokens
+    return (f"decode small batch {batch} @ {context} ctx", tokens / t_ours, tokens / t_theirs, "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, short decode: a sanity run")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from rich.console import Console
+    from rich.table import Table
+
+    quick = args.quick
+    steps, warmup = (2, 1) if quick else (8, 2)
+    peaks = {
+        "fp32": matmul_peak(torch.float32, 1024 if quick else 2048, 3 if quick else 10),
+        "bf16": matmul_peak(torch.bfloat16, 1024 if quick else 2048, 3 if quick else 10),
+    }
+    rows = []
+    rows += bench_train("tiny", K2Config.preset("tiny"), 4, 64, steps, warmup, peaks)
+    rows += bench_train("small", K2Config.preset("small"), 4, 512, steps, warmup, peaks)
+    context, new_tokens = (256, 8) if quick else (1024, 32)
+    small = K2Config.preset("small")
+    for batch in (1, 8):
+        rows.append(bench_decode(small, batch, context, new_tokens))
+
+    table = Table(title=f"openk2 model vs transformers DeepseekV3 ({torch.get_num_threads()} threads"
+                        f"{', QUICK' if quick else ''})")
+    for col in ("benchmark", "ours tok/s", "transformers tok/s", "ratio", "note"):
+        table.add_column(col, justify="right" if "tok" in col or col == "ratio" else "left")
+    for label, ours, theirs, note in rows:
+        table.add_row(label, f"{ours:,.0f}", f"{theirs:,.0f}", f"{ours / theirs:.2f}x", note)
+    console = Console()
+    console.print(table)
+    console.print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+
+    kv = Table(title="decode KV cache bytes per token (bf16, all layers)")
+    for col in ("config", "absorbed latent (c_kv + k_rope)", "per-head K/V", "ratio"):
+        kv.add_column(col)
+    for name in ("small", "k2"):
+        cfg = K2Config.preset(name)
+        latent, per_head = cfg.kv_cache_bytes_per_token(), cfg.kv_cache_bytes_per_token(absorbed=False)
+        kv.add_row(name, f"{latent:,}", f"{per_head:,}", f"{per_head / latent:.1f}x smaller")
+    console.print(kv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
