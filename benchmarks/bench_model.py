@@ -119,7 +119,8 @@ def bench_decode(cfg: K2Config, batch: int, context: int, new_tokens: int) -> tu
     generate(2)  # warm-up
     t_theirs = max(generate(1 + new_tokens) - generate(1), 1e-9)
     tokens = batch * new_tokens
-    return (f"decode small batch {batch} @ {context} ctx", tokens / t_ours, tokens / t_theirs, "")
+    return (f"decode small batch {batch} @ {context} ctx", tokens / t_ours, tokens / t_theirs,
+            f"{new_tokens} steps timed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,15 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     quick = args.quick
-    steps, warmup = (2, 1) if quick else (8, 2)
+    steps, warmup = (1, 1) if quick else (8, 2)
     peaks = {
         "fp32": matmul_peak(torch.float32, 1024 if quick else 2048, 3 if quick else 10),
         "bf16": matmul_peak(torch.bfloat16, 1024 if quick else 2048, 3 if quick else 10),
     }
     rows = []
     rows += bench_train("tiny", K2Config.preset("tiny"), 4, 64, steps, warmup, peaks)
-    rows += bench_train("small", K2Config.preset("small"), 4, 512, steps, warmup, peaks)
-    context, new_tokens = (256, 8) if quick else (1024, 32)
+    small_batch, small_seq = (1, 256) if quick else (4, 512)
+    rows += bench_train("small", K2Config.preset("small"), small_batch, small_seq, steps, warmup, peaks)
+    context, new_tokens = (128, 4) if quick else (1024, 32)
     small = K2Config.preset("small")
     for batch in (1, 8):
         rows.append(bench_decode(small, batch, context, new_tokens))

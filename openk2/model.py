@@ -267,6 +267,8 @@ class MLA(nn.Module):
         span = int(positions[:, -1].max()) + 1
         latents = store[:B, :span] if rows is None else store[rows, :span]  # [B', S, r + dr]
         latents = latents.to(q_nope.dtype)
+        if T > 1:  # prefill: expanding the latents once is cheaper than absorbing for T queries
+            return self._attend_cached_expanded(q_nope, q_rope, latents, positions)
 
         w_kv = self.kv_b_proj.weight.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim:]
@@ -280,6 +282,26 @@ class MLA(nn.Module):
         out_latent = torch.bmm(probs, latents[..., : self.kv_lora_rank]).view(B, T, nh, self.kv_lora_rank)
         out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))
         return out.reshape(B, T, nh * self.v_dim)
+
+
+    def _attend_cached_expanded(self, q_nope, q_rope, latents, positions) -> torch.Tensor:
+        """Multi-token append (prefill): expand the cached latents to per-head k/v through kv_b_proj (transient,
+        never cached) and attend with a mask that lets query t see cache slots 0..positions[t]."""
+        B, T, nh, _ = q_nope.shape
+        S = latents.shape[1]
+        c_kv, k_rope = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, nh, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, nh, self.rope_dim)), dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.v_dim < self.qk_dim:
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))
+        elif self.v_dim > self.qk_dim:
+            q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
+        visible = torch.arange(S, device=q.device).view(1, 1, S) <= positions.unsqueeze(-1)  # [B, T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.unsqueeze(1), scale=self.softmax_scale)
+        return out[..., : self.v_dim].transpose(1, 2).reshape(B, T, nh * self.v_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -152,8 +152,14 @@ def test_cache_rows_at_different_lengths():
         ref_b = model(torch.cat([b, next_tokens[1:]], 1)).logits[0, -1]
         torch.testing.assert_close(both[0], ref_a, atol=1e-4, rtol=0)
         torch.testing.assert_close(both[1], ref_b, atol=1e-4, rtol=0)
+        # several tokens appended to a non-empty row at once (a second prefill chunk)
+        chunk = torch.randint(0, 512, (1, 3))
+        chunked = model(chunk, cache=cache, cache_rows=torch.tensor([2])).logits
+        reference = model(torch.cat([b, next_tokens[1:], chunk], 1)).logits[:, -3:]
+        torch.testing.assert_close(chunked, reference, atol=1e-4, rtol=0)
+        assert cache.lengths.tolist() == [10, 0, 8]
         cache.reset([0])
-        assert cache.lengths.tolist() == [0, 0, 5]
+        assert cache.lengths.tolist() == [0, 0, 8]
         again = model(a, cache=cache, cache_rows=torch.tensor([0])).logits
         torch.testing.assert_close(again, model(a).logits, atol=1e-4, rtol=0)
         with pytest.raises(ValueError, match="overflow"):
