@@ -62,7 +62,7 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS) -
     return X.mT if tall else X
 
 
-MAX_NS_BATCH = 32  # matrices per batched Newton-Schulz call; larger batches stop paying off on CPU caches
+MAX_NS_BATCH = 16  # matrices per batched Newton-Schulz call; larger batches stopped paying off on this CPU
 
 
 def orthogonalize_many(updates: list[Tensor], steps: int = 5) -> list[Tensor]:
