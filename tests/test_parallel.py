@@ -126,9 +126,11 @@ def test_two_process_loss_curve_matches_one_process(runs, name):
     drift = _rel(ref["loss"], dist_run["loss"])
     assert drift.max() < CURVE_RTOL, f"{name}: loss drift per step {drift}"
     assert ref["loss"][-1] < ref["loss"][0] - 0.3, "the reference run does not learn; the comparison is vacuous"
-    # The router bias moved identically on every replica (global load): same as in the 1-process run.
-    assert np.abs(np.asarray(ref["router_bias"]) - np.asarray(dist_run["router_bias"])).max() <= 2 * 1e-3 * 4
-    assert np.abs(np.asarray(ref["router_bias"])).max() > 0
+    # sync_router_load gives every rank the global expert load: on step 1 (same routing) the exact counts of the
+    # 1-process run, so all replicas move the router bias the same way.
+    assert dist_run["first_global_load"] == ref["first_global_load"]
+    assert sum(map(sum, ref["first_global_load"])) > 0
+    assert np.abs(np.asarray(ref["router_bias"])).max() > 0 and dist_run["bias_replicas_equal"]
 
 
 @pytest.mark.slow

@@ -62,13 +62,18 @@ def train(ctx, model, optimizer, loader, first_step: int, last_step: int, *, fai
         grad_norm = parallel.clip_grad_norm_(model.parameters(), 1.0, ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        parallel.sync_router_load(model, ctx)
+        global_load = parallel.sync_router_load(model, ctx)
+        if step == first_step:  # routing of the first step is identical at any world size: exact counts
+            record["first_global_load"] = global_load.tolist()
         model.update_router_bias(ROUTER_GAMMA)
         record["loss"].append(float(ctx.all_reduce_mean(step_loss)))
         record["grad_norm"].append(float(grad_norm))
         if save_at == step:
             parallel.save_distributed(ckpt, model, optimizer, {"step": step, "loader": loader.state_dict()})
     record["router_bias"] = router_bias(model)
+    # Every replica must hold the same router bias (a buffer FSDP never syncs): max == min across ranks.
+    biases = torch.cat([m.mlp.gate.e_score_correction_bias for m in model.model.layers if hasattr(m.mlp, "gate")])
+    record["bias_replicas_equal"] = bool(torch.equal(ctx.all_reduce_max(biases), -ctx.all_reduce_max(-biases)))
     return record
 
 
