@@ -171,7 +171,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.exists():
         return None
     ckpt = run_dir / CHECKPOINTS / pointer.read_text().strip()
-    if not (ckpt / TRAINER_STATE).exists():
+    from openk2.parallel import is_distributed_checkpoint  # torchrun runs write DCP checkpoints
+
+    if not (ckpt / TRAINER_STATE).exists() and not is_distributed_checkpoint(ckpt):
         raise FileNotFoundError(f"{pointer} names {ckpt.name}, but {ckpt / TRAINER_STATE} is missing")
     return ckpt
 
