@@ -158,13 +158,40 @@ def run_expert_parallel(rank: int, world: int) -> dict:
     return {"max_diff": diff, "clipped_heads": clipped, "expert_placements": placements}
 
 
+def run_other_placements(rank: int, world: int) -> dict:
+    """Layouts the owner-computes path does not cover (column-sharded matrix, expert stack sharded inside the
+    matrices) take the gather-everything fallback: still the single-process update."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from openk2.optim import Muon
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(4)
+    inits = [torch.randn(12, 10, generator=gen), torch.randn(4, 6, 10, generator=gen)]
+    placements = [[Shard(1)], [Shard(2)]]
+    ref = [nn.Parameter(w.clone()) for w in inits]
+    sharded = [nn.Parameter(distribute_tensor(w.clone(), mesh, pl)) for w, pl in zip(inits, placements)]
+    opt_ref, opt_sh = Muon(ref, lr=LR), Muon(sharded, lr=LR)
+    for _ in range(STEPS):
+        grads = [torch.randn(w.shape, generator=gen) for w in inits]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        for p, g, pl in zip(sharded, grads, placements):
+            p.grad = distribute_tensor(g.clone(), mesh, pl)
+        opt_ref.step()
+        opt_sh.step()
+    return {"max_diff": max((s.full_tensor() - r).abs().max().item() for s, r in zip(sharded, ref)),
+            "moved": max((r - w).abs().max().item() for r, w in zip(ref, inits))}
+
+
 def main() -> None:
     out_path = sys.argv[1]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"world": world, "k2": run_k2(rank, world), "uneven": run_uneven(rank, world),
-              "expert_parallel": run_expert_parallel(rank, world)}
+              "expert_parallel": run_expert_parallel(rank, world), "other": run_other_placements(rank, world)}
     rows = [None] * world
     dist.all_gather_object(rows, result["uneven"]["local_rows"])
     result["uneven"]["local_rows"] = rows

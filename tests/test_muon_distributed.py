@@ -70,3 +70,9 @@ def test_expert_parallel_layout_same_update(dist_result):
     assert all("Shard(dim=0)" in p and "Replicate" not in p for p in ep["expert_placements"].values())
     assert ep["clipped_heads"] > 0
     assert ep["max_diff"] <= 1e-7, ep["max_diff"]
+
+
+def test_other_placements_fall_back_to_a_full_gather(dist_result):
+    other = dist_result["other"]
+    assert other["moved"] > 1e-2
+    assert other["max_diff"] <= 1e-7, other["max_diff"]

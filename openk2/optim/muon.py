@@ -273,15 +273,14 @@ def _muon_step_group(
             local_jobs.append((_local(p), update, scale))
         elif layout is not None:
             sharded_jobs.append(_ShardedMatrix(p, update, lr, wd, scale, owner=stats.next_owner(layout[2])))
-        else:  # other placements (e.g. 2-D meshes): correct but not communication-optimal
-            from torch.distributed.tensor import DTensor
+        else:  # other placements (e.g. a 2-D matrix on a 2-D mesh): correct, not communication-optimal
+            from torch.distributed.tensor import DTensor, distribute_tensor
 
-            full = DTensor.from_local(update, p.device_mesh, p.placements).full_tensor()
-            ortho = zeropower_via_newtonschulz(full, ns_steps).to(p.dtype)
+            full = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape,
+                                      stride=p.stride()).full_tensor()
+            ortho = zeropower_via_newtonschulz(full, ns_steps)  # identical on every rank
             stats.add_update(ortho, scale, counted=dist.get_rank() == 0)
-            from torch.distributed.tensor import distribute_tensor
-
-            ortho_local = distribute_tensor(ortho, p.device_mesh, p.placements).to_local()
+            ortho_local = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()
             apply_muon_update_(p.to_local(), ortho_local, lr, wd, scale)
     orthos = orthogonalize_many([u for _, u, _ in local_jobs], ns_steps) if local_jobs else []
     for (p_local, _, scale), ortho in zip(local_jobs, orthos):
