@@ -332,7 +332,7 @@ class Trainer:
             per_layer = self.model.max_attention_logits().amax(dim=-1).tolist()
         per_layer = [float(x) for x in per_layer]
         record["max_logit"] = max(per_layer) if per_layer else float("nan")
-        record["clipped_heads"] = int(stats.get("heads_clipped", 0))
+        record["clipped_heads"] = int(stats.get("clipped_heads", 0))  # MuonClip.last_stats key
         if detail:
             record["max_logit_per_layer"] = per_layer
 
