@@ -44,28 +44,25 @@ def clip_gamma(max_logits: Tensor, tau: float) -> Tensor:
 @torch.no_grad()
 def scale_rows_(weight: Tensor, row_scale: Tensor) -> None:
     """weight[r, ...] *= row_scale[r] in place (row_scale: fp32 [rows]). A factor of exactly 1 leaves a row
-    bit-identical. DTensor sharded on dim 0: each rank scales only its rows (no communication)."""
+    bit-identical. DTensor sharded on dim 0 (FSDP2): each rank scales only its own rows, no communication;
+    other DTensor layouts: the expanded scale is split like the weight (every rank holds the same scale)."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     row_scale = row_scale.to(weight.device)
     if weight.shape[0] != row_scale.shape[0]:
         raise ValueError(f"qk_clip.scale_rows_: weight has {weight.shape[0]} rows, scale has {row_scale.shape[0]}")
-    if isinstance(weight, DTensor):
-        placements = weight.placements
-        local = weight.to_local()
-        if weight.device_mesh.ndim == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
-            chunks = torch.chunk(row_scale, weight.device_mesh.size())  # DTensor's Shard(0) chunking
-            rank = weight.device_mesh.get_local_rank()
-            local_scale = chunks[rank] if rank < len(chunks) else row_scale[:0]
-        else:
-            shape = (-1,) + (1,) * (weight.ndim - 1)
-            full = row_scale.view(shape).expand(weight.shape).contiguous()
-            scaled = distribute_tensor(full, weight.device_mesh, placements).to_local()
-            _mul_rows_(local, scaled)
-            return
-        _mul_rows_(local, local_scale.view((-1,) + (1,) * (local.ndim - 1)))
+    per_row = (-1,) + (1,) * (weight.ndim - 1)
+    if not isinstance(weight, DTensor):
+        _mul_rows_(weight, row_scale.view(per_row))
         return
-    _mul_rows_(weight, row_scale.view((-1,) + (1,) * (weight.ndim - 1)))
+    mesh, placements, local = weight.device_mesh, weight.placements, weight.to_local()
+    if mesh.ndim == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
+        chunks = torch.chunk(row_scale, mesh.size())  # DTensor's Shard(0) split; may have fewer than size chunks
+        rank = mesh.get_local_rank()
+        _mul_rows_(local, (chunks[rank] if rank < len(chunks) else row_scale[:0]).view(per_row))
+    else:
+        full = row_scale.view(per_row).expand(weight.shape).contiguous()
+        _mul_rows_(local, distribute_tensor(full, mesh, placements, src_data_rank=None).to_local())
 
 
 def _mul_rows_(weight: Tensor, scale: Tensor) -> None:
