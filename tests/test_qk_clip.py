@@ -100,17 +100,21 @@ def _grow_rows(weight, rows):
     return g
 
 
-def test_qk_clip_on_openk2_mla():
+@pytest.mark.parametrize("q_lora_rank", [32, None])  # q_b_proj after a low-rank q_a_proj, or a full q_proj
+def test_qk_clip_on_openk2_mla(q_lora_rank):
     torch.manual_seed(0)
     cfg = K2Config.preset("tiny")
+    cfg.q_lora_rank = q_lora_rank
     model = K2ForCausalLM(cfg)
     attn = model.model.layers[1].self_attn
+    q_name = "q_b_proj" if q_lora_rank else "q_proj"
+    q_proj = getattr(attn, q_name)
     nope, rope, v, H = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.num_attention_heads
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     prefix = "model.layers.1.self_attn."
     head0_q = slice(0, nope + rope)
     head0_k = slice(0, nope)
-    push = {prefix + "q_b_proj.weight": _grow_rows(attn.q_b_proj.weight, head0_q),
+    push = {prefix + f"{q_name}.weight": _grow_rows(q_proj.weight, head0_q),
             prefix + "kv_b_proj.weight": _grow_rows(attn.kv_b_proj.weight, head0_k)}
     tau, pushed, clipped, before, after, stats = _push_then_clip(
         model, attn, lambda: model(ids), push, tau_between=lambda s: float((s[0] + s[1:].max()) / 2))
@@ -118,8 +122,8 @@ def test_qk_clip_on_openk2_mla():
     assert stats["clipped_heads"] == 1 and stats["max_logit"] == pytest.approx(float(pushed.max()), rel=1e-6)
     assert clipped[0] <= tau * 1.01 and clipped[0] >= tau * 0.99  # clipped to tau, not below
     assert torch.equal(clipped[1:], pushed[1:])  # other heads' logits unchanged
-    q_before = before[prefix + "q_b_proj.weight"].view(H, nope + rope, -1)
-    q_after = after[prefix + "q_b_proj.weight"].view(H, nope + rope, -1)
+    q_before = before[prefix + f"{q_name}.weight"].view(H, nope + rope, -1)
+    q_after = after[prefix + f"{q_name}.weight"].view(H, nope + rope, -1)
     kv_before = before[prefix + "kv_b_proj.weight"].view(H, nope + v, -1)
     kv_after = after[prefix + "kv_b_proj.weight"].view(H, nope + v, -1)
     gamma = tau / pushed[0]
@@ -129,7 +133,7 @@ def test_qk_clip_on_openk2_mla():
     assert torch.equal(q_after[1:], q_before[1:]) and torch.equal(kv_after[1:], kv_before[1:])
     assert torch.equal(kv_after[:, nope:], kv_before[:, nope:])  # V rows
     for name in before:  # everything else, incl. the shared rotary key kv_a_proj_with_mqa and q_a_proj
-        if name not in (prefix + "q_b_proj.weight", prefix + "kv_b_proj.weight"):
+        if name not in (prefix + f"{q_name}.weight", prefix + "kv_b_proj.weight"):
             assert torch.equal(before[name], after[name]), name
 
 
