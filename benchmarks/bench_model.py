@@ -59,22 +59,22 @@ def paired_models(cfg: K2Config):
     return ours, theirs
 
 
-def time_train_steps(model, ids, labels, autocast_dtype, steps: int, warmup: int) -> float:
-    """Median seconds per train step (forward + backward + AdamW step)."""
-    model.train()
+def make_train_step(model, ids, labels, autocast_dtype):
+    """A closure running one train step (forward + backward + AdamW step) and returning its seconds."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    times = []
-    for i in range(warmup + steps):
+
+    def step() -> float:
+        model.train()
+        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         start = time.perf_counter()
         with ctx:
             loss = model(ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return step
 
 
 def bench_train(name: str, cfg: K2Config, batch: int, seq: int, steps: int, warmup: int, peaks: dict) -> list:
@@ -83,8 +83,15 @@ def bench_train(name: str, cfg: K2Config, batch: int, seq: int, steps: int, warm
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     tokens = batch * seq
     for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        t_ours = time_train_steps(ours, ids, ids, dtype, steps, warmup)
-        t_theirs = time_train_steps(theirs, ids, ids, dtype, steps, warmup)
+        # alternate the two models step by step so machine load hits both alike; median of each
+        step_ours, step_theirs = make_train_step(ours, ids, ids, dtype), make_train_step(theirs, ids, ids, dtype)
+        times_ours, times_theirs = [], []
+        for i in range(warmup + steps):
+            t_o, t_t = step_ours(), step_theirs()
+            if i >= warmup:
+                times_ours.append(t_o)
+                times_theirs.append(t_t)
+        t_ours, t_theirs = statistics.median(times_ours), statistics.median(times_theirs)
         flops = flops_per_token(cfg, seq) * tokens
         peak = peaks[label]
         rows.append((f"train {name} {label} ({tokens} tok/step)", tokens / t_ours, tokens / t_theirs,
@@ -110,14 +117,25 @@ def bench_decode(cfg: K2Config, batch: int, context: int, new_tokens: int) -> tu
         token = logits[:, -1].argmax(-1, keepdim=True)
     t_ours = time.perf_counter() - start
 
-    def generate(n: int) -> float:
-        start = time.perf_counter()
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):  # generate calls this once per generated token: a timestamp per step
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    def generate(n: int) -> StepClock:
+        clock = StepClock()
         theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
-                        do_sample=False, pad_token_id=cfg.pad_token_id)
-        return time.perf_counter() - start
+                        do_sample=False, pad_token_id=cfg.pad_token_id, logits_processor=LogitsProcessorList([clock]))
+        return clock
 
     generate(2)  # warm-up
-    t_theirs = max(generate(1 + new_tokens) - generate(1), 1e-9)
+    clock = generate(1 + new_tokens)
+    t_theirs = clock.stamps[-1] - clock.stamps[0]  # new_tokens decode steps after the prefill
     tokens = batch * new_tokens
     return (f"decode small batch {batch} @ {context} ctx", tokens / t_ours, tokens / t_theirs,
             f"{new_tokens} steps timed")

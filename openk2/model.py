@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.config import K2Config
+from openk2.config import K2Config, flops_per_token
 
 __all__ = [
     "K2Config", "CausalLMOutput", "RMSNorm", "RotaryEmbedding", "MLA", "MLP", "Router", "RoutedExperts", "MoE",
-    "DecoderLayer", "K2Model", "K2ForCausalLM", "MLACache",
+    "DecoderLayer", "K2Model", "K2ForCausalLM", "MLACache", "causal_lm_loss", "flops_per_token",
 ]
 
 IGNORE_INDEX = -100
@@ -262,10 +262,13 @@ class MLA(nn.Module):
         B, T, nh, _ = q_nope.shape
         store = cache.latents[self.layer_idx]
         new = torch.cat((c_kv, k_rope), dim=-1).to(store.dtype)
-        row_index = torch.arange(B, device=store.device) if rows is None else rows
+        # rows: None (all), a slice (a contiguous block: read as a view, no copy) or a LongTensor of row ids
+        if rows is None:
+            rows = slice(0, B)
+        row_index = torch.arange(rows.start, rows.stop, device=store.device) if isinstance(rows, slice) else rows
         store[row_index.unsqueeze(1), positions] = new
         span = int(positions[:, -1].max()) + 1
-        latents = store[:B, :span] if rows is None else store[rows, :span]  # [B', S, r + dr]
+        latents = store[rows, :span]  # [B', S, r + dr]
         latents = latents.to(q_nope.dtype)
         if T > 1:  # prefill: expanding the latents once is cheaper than absorbing for T queries
             return self._attend_cached_expanded(q_nope, q_rope, latents, positions)
@@ -336,6 +339,15 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the correction bias or the load counts: they stay fp32.
+        super()._apply(fn, recurse)
+        for name in ("e_score_correction_bias", "load"):
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> (topk_idx [N, k] long, topk_weight [N, k] fp32, scores [N, E] fp32)."""
@@ -557,7 +569,12 @@ class K2ForCausalLM(nn.Module):
                 raise ValueError(f"cache_rows has {cache_rows.numel()} entries for {B} input rows")
             if cache_rows.numel() and (cache_rows.min() < 0 or cache_rows.max() >= cache.batch_size):
                 raise ValueError(f"cache_rows {cache_rows.tolist()} out of range for a cache of {cache.batch_size} rows")
+            if cache_rows.unique().numel() != cache_rows.numel():
+                raise ValueError(f"cache_rows {cache_rows.tolist()} lists a row twice")
             start = cache.lengths[cache_rows]
+            first = int(cache_rows[0]) if B else 0
+            if torch.equal(cache_rows, torch.arange(first, first + B, device=cache_rows.device)):
+                cache_rows = slice(first, first + B)  # contiguous rows: the cache is read as a view
         if B and int(start.max()) + T > cache.max_len:
             raise ValueError(f"cache overflow: a row would hold {int(start.max()) + T} tokens > max_len {cache.max_len}")
         positions = start.unsqueeze(1) + torch.arange(T, device=start.device)

@@ -47,6 +47,21 @@ def test_forward_shapes_and_loss_matches_manual_cross_entropy():
         model(ids.float())
 
 
+def test_bf16_model_keeps_router_bias_fp32_and_runs():
+    model = K2ForCausalLM(tiny()).to(torch.bfloat16)
+    router = model.routers()[0]
+    assert router.weight.dtype == torch.bfloat16
+    assert router.e_score_correction_bias.dtype == torch.float32 and router.load.dtype == torch.float32
+    ids = torch.randint(0, 512, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    with torch.no_grad():
+        cache = model.eval().init_cache(1, 16)
+        assert cache.dtype == torch.bfloat16
+        model(ids[:1], cache=cache)
+        assert torch.isfinite(model(ids[:1, :1], cache=cache).logits).all()
+
+
 def test_parameter_names_follow_the_contract():
     model = K2ForCausalLM(tiny())
     names = dict(model.named_parameters())
@@ -166,6 +181,15 @@ def test_cache_rows_at_different_lengths():
             model(torch.zeros(1, 30, dtype=torch.long), cache=cache, cache_rows=torch.tensor([0]))
         with pytest.raises(ValueError, match="cache_rows"):
             model(next_tokens, cache=cache, cache_rows=torch.tensor([0, 5]))
+        with pytest.raises(ValueError, match="twice"):
+            model(next_tokens, cache=cache, cache_rows=torch.tensor([2, 2]))
+        # contiguous rows (read as a view) and the same rows listed out of order give the same logits
+        lengths = cache.lengths.clone()
+        pair = torch.randint(0, 512, (2, 1))
+        contiguous = model(pair, cache=cache, cache_rows=torch.tensor([1, 2])).logits
+        cache.lengths.copy_(lengths)
+        swapped = model(pair.flip(0), cache=cache, cache_rows=torch.tensor([2, 1])).logits
+        torch.testing.assert_close(contiguous, swapped.flip(0), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
