@@ -11,6 +11,8 @@ tokens do not end the sequence) and `max_tokens`, so each produces exactly `max_
 `logit_bias` of -100 on `<|tool_calls_section_begin|>` so random weights cannot open a tool-call section, which
 would hold back the streamed text and blur the time to first token.
 Time to first token = from sending the request to the first streamed chunk that carries content.
+The last two columns submit the same number of sequences to the engine directly (no HTTP, no client):
+how much of the scaling is the model's and how much the server's.
 
     python benchmarks/bench_serve.py            # full (minutes; run on a quiet machine)
     python benchmarks/bench_serve.py --quick    # sanity run
@@ -33,7 +35,7 @@ import warnings
 import torch
 
 from openk2.config import K2Config
-from openk2.engine import Engine
+from openk2.engine import Engine, SamplingParams
 from openk2.model import K2ForCausalLM
 from openk2.serve import ServerThread, create_app
 from openk2.tokenizer import train_tokenizer
@@ -150,16 +152,32 @@ def main() -> None:
                                               (server.base_url, clients, per_client, max_tokens, prompt, bias))
                 runs[clients].append(result)
                 print(f"  round {round_ + 1}: {clients:>2} clients {result['tok_s']:8.1f} tok/s", flush=True)
+    # the same sequences without HTTP: Engine.generate on `clients` prompts at once (the model's own scaling)
+    prompt_ids = engine.tokenizer.encode(prompt)
+    engine_params = SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True)
+    engine_runs: dict[int, list[float]] = {c: [] for c in levels}
+    engine.start()  # decode in the engine's own thread, as under the server
+    for _ in range(rounds):
+        for clients in levels:
+            start = time.perf_counter()
+            for handle in [engine.submit(prompt_ids, engine_params) for _ in range(clients)]:
+                handle.result()
+            engine_runs[clients].append(clients * max_tokens / (time.perf_counter() - start))
+    engine.shutdown()
+    engine_tok_s = {c: statistics.median(v) for c, v in engine_runs.items()}
+
     # per level: the round with the median throughput
     rows = [sorted(runs[c], key=lambda r: r["tok_s"])[len(runs[c]) // 2] for c in levels]
-    base = rows[0]["tok_s"]
+    base, engine_base = rows[0]["tok_s"], engine_tok_s[levels[0]]
     print()
     print(f"| clients | requests | completion tokens | wall s | tokens/s | vs {rows[0]['clients']} client | "
-          f"TTFT median ms | TTFT p90 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"TTFT median ms | TTFT p90 ms | engine only tokens/s | engine vs {levels[0]} |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['clients']} | {row['requests']} | {row['tokens']} | {row['wall']:.2f} | {row['tok_s']:.1f} | "
-              f"{row['tok_s'] / base:.2f}x | {1000 * row['ttft_med']:.0f} | {1000 * row['ttft_p90']:.0f} |")
+        c = row["clients"]
+        print(f"| {c} | {row['requests']} | {row['tokens']} | {row['wall']:.2f} | {row['tok_s']:.1f} | "
+              f"{row['tok_s'] / base:.2f}x | {1000 * row['ttft_med']:.0f} | {1000 * row['ttft_p90']:.0f} | "
+              f"{engine_tok_s[c]:.1f} | {engine_tok_s[c] / engine_base:.2f}x |")
     eight = [r for r in rows if r["clients"] == 8]
     if eight and rows[0]["clients"] == 1:
         ratio = eight[0]["tok_s"] / base
