@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import sys
 import threading
 import time
 import uuid
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = load_engine(args.checkpoint, dtype=args.dtype, device=args.device,
                              max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
     except (ValueError, FileNotFoundError) as error:
-        print(f"openk2 serve: {error}")
+        print(f"openk2 serve: {error}", file=sys.stderr)
         return 2
     from pathlib import Path
 
