@@ -65,35 +65,48 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS) -
 MAX_NS_BATCH = 16  # matrices per batched Newton-Schulz call; larger batches stopped paying off on this CPU
 
 
+def _matrix_shape(u: Tensor) -> tuple[int, int]:
+    """Per-matrix shape in the wide orientation (what NS iterates on)."""
+    return (min(u.shape[-2:]), max(u.shape[-2:]))
+
+
+def _as_wide_batch(u: Tensor) -> Tensor:
+    w = u.bfloat16()
+    w = w.mT if w.size(-2) > w.size(-1) else w
+    return w.reshape(-1, w.size(-2), w.size(-1))
+
+
+def _from_wide_batch(o: Tensor, like: Tensor) -> Tensor:
+    tall = like.size(-2) > like.size(-1)
+    o = o.reshape(*like.shape[:-2], *_matrix_shape(like)) if tall else o.reshape(like.shape)
+    return o.mT if tall else o
+
+
 def orthogonalize_many(updates: list[Tensor], steps: int = 5) -> list[Tensor]:
-    """NS of many matrices / stacks, batched by shape: every [..., A, B] tensor is turned wide ([..., min, max]),
-    tensors with the same per-matrix shape are concatenated into calls of at most MAX_NS_BATCH matrices, and the
-    results are split back (bf16, each input's shape). Same values as calling zeropower_via_newtonschulz on each."""
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    wide = []
+    """NS of many matrices / stacks, batched by shape: tensors whose matrices have the same shape (tall ones
+    transposed to wide) are concatenated into calls of at most MAX_NS_BATCH matrices (a tensor larger than that
+    goes alone), and the results are split back (bf16, each input's shape). Same values as calling
+    zeropower_via_newtonschulz on each; on CPU it saves per-call overhead and elementwise passes."""
+    batches: list[list[int]] = []
+    open_batch: dict[tuple[int, int], tuple[list[int], int]] = {}  # shape -> (indices, matrices so far)
     for i, u in enumerate(updates):
-        w = u.bfloat16()
-        w = w.mT if w.size(-2) > w.size(-1) else w
-        w = w.reshape(-1, w.size(-2), w.size(-1))
-        wide.append(w)
-        by_shape.setdefault((w.size(-2), w.size(-1)), []).append(i)
-    results: list[Tensor | None] = [None] * len(updates)
-    for indices in by_shape.values():
-        batch: list[int] = []
-        count = 0
-        for i in indices + [-1]:  # -1 flushes the last batch
-            if i == -1 or (batch and count + wide[i].size(0) > MAX_NS_BATCH):
-                ortho = zeropower_via_newtonschulz(torch.cat([wide[j] for j in batch]), steps)
-                for j, o in zip(batch, ortho.split([wide[j].size(0) for j in batch])):
-                    u = updates[j]
-                    tall = u.size(-2) > u.size(-1)
-                    o = o.reshape(*u.shape[:-2], *((u.size(-1), u.size(-2)) if tall else (u.size(-2), u.size(-1))))
-                    results[j] = o.mT if tall else o
-                batch, count = [], 0
-            if i != -1:
-                batch.append(i)
-                count += wide[i].size(0)
-    return results  # type: ignore[return-value]
+        key, n = _matrix_shape(u), u[..., 0, 0].numel()
+        indices, count = open_batch.get(key, ([], 0))
+        if indices and count + n > MAX_NS_BATCH:
+            batches.append(indices)
+            indices, count = [], 0
+        open_batch[key] = (indices + [i], count + n)
+    batches += [indices for indices, _ in open_batch.values()]
+    results: list[Tensor] = [updates[0]] * len(updates)
+    for batch in batches:
+        if len(batch) == 1:  # nothing to concatenate
+            results[batch[0]] = zeropower_via_newtonschulz(updates[batch[0]], steps)
+            continue
+        wide = [_as_wide_batch(updates[j]) for j in batch]
+        ortho = zeropower_via_newtonschulz(torch.cat(wide), steps)
+        for j, o in zip(batch, ortho.split([w.size(0) for w in wide])):
+            results[j] = _from_wide_batch(o, updates[j])
+    return results
 
 
 def update_scale(shape: torch.Size | tuple[int, ...], rms_scale: str) -> float:
