@@ -66,19 +66,20 @@ def encode_records(records: list[dict[str, Any]], tokenizer) -> tuple[list[tuple
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
          ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Greedy first-fit packing of whole chats into windows; chats longer than a window are truncated (counted).
+    """Greedy packing of whole chats, in order, into windows of `seq_len`; returns (ids, labels, n_dropped).
 
-    Packed chats share a window without a cross-document attention mask (the usual packing trade-off; each chat
-    starts with its own system turn, and the loss is only on assistant tokens).
+    A chat longer than a window is dropped (and counted) rather than cut: cutting keeps the prompt and loses the
+    assistant turns the loss is about. Packed chats share a window without a cross-chat attention mask (the
+    usual packing trade-off; each chat starts with its own system turn, and only assistant tokens are scored).
     """
     windows: list[tuple[list[int], list[int]]] = []
-    truncated = 0
+    dropped = 0
     cur_ids: list[int] = []
     cur_labels: list[int] = []
     for ids, labels in examples:
         if len(ids) > seq_len:
-            ids, labels = ids[:seq_len], labels[:seq_len]
-            truncated += 1
+            dropped += 1
+            continue
         if len(cur_ids) + len(ids) > seq_len:
             windows.append((cur_ids, cur_labels))
             cur_ids, cur_labels = [], []
@@ -91,7 +92,7 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
     for i, (ids, labels) in enumerate(windows):
         ids_t[i, : len(ids)] = torch.tensor(ids)
         labels_t[i, : len(labels)] = torch.tensor(labels)
-    return ids_t, labels_t, truncated
+    return ids_t, labels_t, dropped
 
 
 class SFTBatches:
@@ -234,8 +235,13 @@ def run_sft(cfg: TrainConfig, *, base: str | None, data: str | None, n_train: in
     pad = tokenizer.eos_id
     train_packed = pack(train_ex, cfg.seq_len, pad)
     val_packed = pack(val_ex, cfg.seq_len, pad)
-    if train_packed[2]:
-        _log(f"{train_packed[2]} chat(s) longer than --seq-len {cfg.seq_len} were truncated")
+    longest = max(len(ids) for ids, _ in train_ex)
+    if train_packed[2] == len(train_ex):
+        raise SystemExit(f"openk2 sft: every chat is longer than --seq-len {cfg.seq_len} (longest {longest} "
+                         "tokens); raise --seq-len")
+    if train_packed[2] or val_packed[2]:
+        _log(f"{train_packed[2] + val_packed[2]} chat(s) longer than --seq-len {cfg.seq_len} were left out "
+             f"(longest {longest} tokens)")
     batches = SFTBatches(train_packed[:2], val_packed[:2], cfg.batch_size, cfg.seed)
     _log(f"SFT from {base_desc}: {len(train_ex)} chats → {len(train_packed[0])} windows of {cfg.seq_len} tokens")
 
