@@ -135,7 +135,7 @@ def nesterov_momentum_(grad: Tensor, buf: Tensor, momentum: float, nesterov: boo
 def apply_muon_update_(param: Tensor, ortho: Tensor, lr: float, weight_decay: float, scale: float) -> None:
     """Decoupled weight decay, then the scaled orthogonalized step (ortho may be bf16)."""
     param.mul_(1 - lr * weight_decay)
-    param.add_(ortho.to(param.dtype) if ortho.dtype != param.dtype else ortho, alpha=-lr * scale)
+    param.add_(ortho, alpha=-lr * scale)  # bf16 ortho promoted inside the kernel, no fp32 copy
 
 
 def adamw_update_(
@@ -183,7 +183,9 @@ def _nonfinite_flags(grads: list[Tensor], any_dtensor: bool) -> list[bool]:
     across ranks so every rank skips the same parameters (a shard's NaN must stop the whole matrix)."""
     if not grads:
         return []
-    bad = torch.stack([(~torch.isfinite(_local(g))).any() for g in grads]).to(torch.int32)
+    # a norm is NaN/inf iff an entry is (or the norm overflows fp32, which deserves skipping too): one fused pass
+    norms = torch._foreach_norm([_local(g) for g in grads])
+    bad = (~torch.isfinite(torch.stack(norms))).to(torch.int32)
     if any_dtensor and _dist_ready():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return [bool(x) for x in bad.tolist()]
@@ -251,7 +253,7 @@ def _orthogonalize_sharded(jobs: list[_ShardedMatrix], ns_steps: int) -> tuple[f
         if rank == job.owner:
             full = torch.cat(gather_list)[: job.param.shape[0]]
             ortho = zeropower_via_newtonschulz(full, ns_steps)
-            sq_sum += float(ortho.float().square().sum()) * job.scale**2
+            sq_sum += float(torch.linalg.vector_norm(ortho, dtype=torch.float32)) ** 2 * job.scale**2
             count += ortho.numel()
             ortho = torch.cat([ortho, ortho.new_zeros(chunk * world - ortho.shape[0], *ortho.shape[1:])])
             scatter_list = list(ortho.split(chunk))
@@ -318,7 +320,7 @@ class _StepTally:
 
     def add_update(self, ortho: Tensor, scale: float, counted: bool = True) -> None:
         if counted:
-            self.update_sq_sum += float(ortho.float().square().sum()) * scale**2
+            self.update_sq_sum += float(torch.linalg.vector_norm(ortho, dtype=torch.float32)) ** 2 * scale**2
             self.update_count += ortho.numel()
 
     def next_owner(self, world: int) -> int:
