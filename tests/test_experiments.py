@@ -62,13 +62,13 @@ def test_qk_clip_stability_quick(experiments, tmp_path, capsys):
     assert qs.main(["--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     tau = res["settings"]["tau"]
-    muon, clip = res["runs"]["muon_lr0.05"]["summary"], res["runs"]["muonclip_lr0.05"]["summary"]
+    muon, clip = res["runs"]["muon_lr0.05_wd0"]["summary"], res["runs"]["muonclip_lr0.05_wd0"]["summary"]
     assert muon["steps_with_any_clip"] == 0  # plain Muon never clips
     assert muon["peak_max_logit"] > 2 * tau
     assert clip["steps_with_any_clip"] > 0
     assert clip["peak_max_logit"] < muon["peak_max_logit"]  # the clip holds the logits down
     # the same number of clipped heads is logged as the optimizer reports, never more than exist
-    rows = [json.loads(line) for line in (tmp_path / "muonclip_lr0.05" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "muonclip_lr0.05_wd0" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= r["clipped_heads"] <= res["total_heads"] for r in rows)
     assert all(r["clipped_heads"] > 0 for r in rows if r["max_logit"] > tau)  # every head above tau is clipped
     _assert_pngs(res["figures"])
