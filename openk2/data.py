@@ -1079,9 +1079,15 @@ class TokenLoader:
             mismatches.append(f"data: checkpoint was taken on {state.get('data_dir')!r}, this loader reads "
                               f"{str(self.data_dir)!r}, a different preparation (fingerprint "
                               f"{str(state.get('fingerprint'))[:12]} vs {self.meta['fingerprint'][:12]})")
-        for key in ("split", "seq_len", "batch_size", "world_size", "seed"):
+        for key in ("split", "seq_len", "seed"):
             if state.get(key) != getattr(self, key):
                 mismatches.append(f"{key}: checkpoint {state.get(key)!r}, loader {getattr(self, key)!r}")
+        # The position counts global batches of batch_size x world_size windows; a different world size resumes
+        # exactly when the global batch is the same (e.g. 2 ranks x 4 -> 1 rank x 8).
+        saved_global = state.get("batch_size", 0) * state.get("world_size", 0)
+        if saved_global != self.batch_size * self.world_size:
+            mismatches.append(f"global batch: checkpoint {state.get('batch_size')} x {state.get('world_size')} "
+                              f"ranks, loader {self.batch_size} x {self.world_size} ranks (the product must match)")
         if mismatches:
             raise DataError("cannot resume the data position:\n  " + "\n  ".join(mismatches))
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])

@@ -300,13 +300,26 @@ def test_loader_resume_rejects_a_different_setup(counting_dir, tmp_path):
     state = TokenLoader(counting_dir, batch_size=4, seq_len=50).state_dict()
     with pytest.raises(DataError, match=r"seq_len: checkpoint 50, loader 64"):
         TokenLoader(counting_dir, batch_size=4, seq_len=64).load_state_dict(state)
-    with pytest.raises(DataError, match=r"batch_size: checkpoint 4, loader 2"):
+    with pytest.raises(DataError, match=r"global batch: checkpoint 4 x 1 ranks, loader 2 x 1 ranks"):
         TokenLoader(counting_dir, batch_size=2, seq_len=50).load_state_dict(state)
-    with pytest.raises(DataError, match=r"world_size: checkpoint 1, loader 2"):
+    with pytest.raises(DataError, match=r"global batch: checkpoint 4 x 1 ranks, loader 4 x 2 ranks"):
         TokenLoader(counting_dir, batch_size=4, seq_len=50, world_size=2).load_state_dict(state)
     other = write_token_dataset(tmp_path / "other", {"train": np.arange(5_000)}, vocab_size=1 << 20)
     with pytest.raises(DataError, match="different preparation"):
         TokenLoader(other, batch_size=4, seq_len=50).load_state_dict(state)
+
+
+def test_loader_resume_across_world_sizes_with_the_same_global_batch(counting_dir):
+    one = TokenLoader(counting_dir, batch_size=4, seq_len=50)
+    for _ in range(3):
+        one.next_batch()
+    state = one.state_dict()
+    expected = torch.cat([one.next_batch()[0] for _ in range(2)])  # two global batches of 4
+    ranks = [TokenLoader(counting_dir, batch_size=2, seq_len=50, rank=r, world_size=2) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict({**state, "rank": r.rank})
+    got = [[r.next_batch()[0] for r in ranks] for _ in range(2)]
+    assert torch.equal(torch.cat([torch.cat(step) for step in got]), expected)
 
 
 def test_validation_pass_is_fixed_and_covers_the_split(counting_dir):
