@@ -165,15 +165,17 @@ class Settings:
     vocab_size: int
     val_fraction: float
     lrs: dict[str, list[float]]
+    max_extensions: int  # extra lr values tried per optimizer when the best one is at the edge of the grid
 
 
 def settings(quick: bool) -> Settings:
     if quick:
         return Settings(steps=8, batch_size=4, seq_len=32, val_every=2, val_batches=2, warmup_steps=2,
-                        vocab_size=512, val_fraction=0.34, lrs={"muonclip": [1e-2], "adamw": [1e-2]})
+                        vocab_size=512, val_fraction=0.34, lrs={"muonclip": [1e-2], "adamw": [1e-2]},
+                        max_extensions=0)
     return Settings(steps=400, batch_size=16, seq_len=128, val_every=20, val_batches=4, warmup_steps=20,
                     vocab_size=2048, val_fraction=0.05,
-                    lrs={"muonclip": [2.5e-3, 5e-3, 1e-2], "adamw": [2.5e-3, 5e-3, 1e-2]})
+                    lrs={"muonclip": [2.5e-3, 5e-3, 1e-2], "adamw": [2.5e-3, 5e-3, 1e-2]}, max_extensions=2)
 
 
 def plot(out: Path, runs: dict[str, dict], best: dict[str, str], target: float, reach: float | None) -> list[Path]:
@@ -239,31 +241,44 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     runs: dict[str, dict] = {}
-    for opt, lrs in s.lrs.items():
-        for lr in lrs:
-            name = f"{opt}_lr{lr:g}"
-            t0 = time.time()
-            rows = train_run(out / name, mcfg, corpus, optimizer=opt, lr=lr, steps=s.steps,
-                             batch_size=s.batch_size, seq_len=s.seq_len, val_every=s.val_every,
-                             val_batches=s.val_batches, warmup_steps=s.warmup_steps, ckpt_every=s.steps,
-                             qk_clip_tau=100.0)
-            vals = series(rows, "val_loss")[1]
-            final_val = float(vals[-1]) if len(vals) else float("nan")
-            runs[name] = {"optimizer": opt, "lr": lr, "rows": rows, "final_val_loss": final_val,
-                          "final_train_loss": float(rows[-1]["loss"]), "tokens": int(rows[-1]["tokens"]),
-                          "seconds": round(time.time() - t0, 1)}
-            print(f"  {name}: final val {final_val:.4f} ({runs[name]['seconds']:.0f} s)", flush=True)
+
+    def run(opt: str, lr: float) -> None:
+        name = f"{opt}_lr{lr:g}"
+        t0 = time.time()
+        rows = train_run(out / name, mcfg, corpus, optimizer=opt, lr=lr, steps=s.steps, batch_size=s.batch_size,
+                         seq_len=s.seq_len, val_every=s.val_every, val_batches=s.val_batches,
+                         warmup_steps=s.warmup_steps, ckpt_every=s.steps, qk_clip_tau=100.0)
+        vals = series(rows, "val_loss")[1]
+        final_val = float(vals[-1]) if len(vals) else float("nan")
+        runs[name] = {"optimizer": opt, "lr": lr, "rows": rows, "final_val_loss": final_val,
+                      "final_train_loss": float(rows[-1]["loss"]), "tokens": int(rows[-1]["tokens"]),
+                      "seconds": round(time.time() - t0, 1)}
+        print(f"  {name}: final val {final_val:.4f} ({runs[name]['seconds']:.0f} s)", flush=True)
 
     def best_of(opt: str) -> str:
         return min((n for n, r in runs.items() if r["optimizer"] == opt), key=lambda n: runs[n]["final_val_loss"])
+
+    def at_edge(opt: str) -> bool:
+        lrs = [r["lr"] for r in runs.values() if r["optimizer"] == opt]
+        return len(lrs) > 1 and runs[best_of(opt)]["lr"] in (min(lrs), max(lrs))
+
+    for opt, lrs in s.lrs.items():
+        for lr in lrs:
+            run(opt, lr)
+        # a best lr at the edge of the grid may not be the optimum: extend the sweep outward (x2 or /2)
+        for _ in range(s.max_extensions):
+            if not at_edge(opt):
+                break
+            lrs_run = [r["lr"] for r in runs.values() if r["optimizer"] == opt]
+            best_lr = runs[best_of(opt)]["lr"]
+            run(opt, best_lr * 2 if best_lr == max(lrs_run) else best_lr / 2)
 
     best = {opt: best_of(opt) for opt in s.lrs}
     adamw, muon = runs[best["adamw"]], runs[best["muonclip"]]
     target = adamw["final_val_loss"]
     reach = tokens_to_reach(muon["rows"], target)
     ratio = None if reach is None else reach / adamw["tokens"]
-    edge = {opt: runs[best[opt]]["lr"] in (min(s.lrs[opt]), max(s.lrs[opt])) and len(s.lrs[opt]) > 1
-            for opt in s.lrs}
+    edge = {opt: at_edge(opt) for opt in s.lrs}
 
     print_table("learning-rate sweep (final validation loss; best per optimizer marked *)",
                 ["run", "optimizer", "lr", "final train", "final val", "tokens", "s"],
