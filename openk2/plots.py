@@ -77,34 +77,20 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, *, tau: float | None = None, 
     ax.legend(fontsize=8)
     save(fig, "loss.png")
 
-    # max logit against τ
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, rows in runs:
-        x, y = _series(rows, "max_logit")
-        ax.plot(x, y, lw=1.2, label=label)
-    if tau is not None:
-        ax.axhline(tau, color="red", ls="--", lw=1, label=f"τ = {tau:g}")
-    ax.set(xlabel="step", ylabel="max attention logit (all heads)", title="max logit")
-    ax.legend(fontsize=8)
-    save(fig, "max_logit.png")
+    def lines(key: str, ylabel: str, title: str, name: str, *, tau_line: bool = False, height: float = 4):
+        fig, ax = plt.subplots(figsize=(7, height))
+        for label, rows in runs:
+            x, y = _series(rows, key)
+            ax.plot(x, y, lw=1.2, label=label)
+        if tau_line and tau is not None:
+            ax.axhline(tau, color="red", ls="--", lw=1, label=f"τ = {tau:g}")
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+        save(fig, name)
 
-    # clipped heads
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, rows in runs:
-        x, y = _series(rows, "clipped_heads")
-        ax.plot(x, y, lw=1.2, label=label)
-    ax.set(xlabel="step", ylabel="heads clipped this step", title="QK-Clip activity")
-    ax.legend(fontsize=8)
-    save(fig, "clipped_heads.png")
-
-    # learning rate
-    fig, ax = plt.subplots(figsize=(7, 3))
-    for label, rows in runs:
-        x, y = _series(rows, "lr")
-        ax.plot(x, y, lw=1.2, label=label)
-    ax.set(xlabel="step", ylabel="lr", title="learning rate (WSD)")
-    ax.legend(fontsize=8)
-    save(fig, "lr.png")
+    lines("max_logit", "max attention logit (all heads)", "max logit", "max_logit.png", tau_line=True)
+    lines("clipped_heads", "heads clipped this step", "QK-Clip activity", "clipped_heads.png")
+    lines("lr", "lr", "learning rate (WSD)", "lr.png", height=3)
 
     # expert load: imbalance (max / mean tokens per expert) over time, and the last recorded load per layer
     label, rows = runs[0]
