@@ -281,8 +281,9 @@ class MLA(nn.Module):
         query = torch.cat((q_latent, q_rope), dim=-1).reshape(B, T * nh, -1)  # [B', T*h, r + dr]
         scores = torch.bmm(query, latents.transpose(1, 2)).float() * self.softmax_scale  # [B', T*h, S]
         scores = scores.view(B, T, nh, span)
-        future = torch.arange(span, device=scores.device).view(1, 1, span) > positions.unsqueeze(-1)  # [B', T, S]
-        scores = scores.masked_fill(future.unsqueeze(2), float("-inf"))
+        if T > 1 or bool((positions[:, -1] < span - 1).any()):  # rows shorter than the longest: mask their tail
+            future = torch.arange(span, device=scores.device).view(1, 1, span) > positions.unsqueeze(-1)
+            scores = scores.masked_fill(future.unsqueeze(2), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(latents.dtype).view(B, T * nh, span)
         out_latent = torch.bmm(probs, latents[..., : self.kv_lora_rank]).view(B, T, nh, self.kv_lora_rank)
         out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))
