@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exp_token_efficiency import (  # noqa: E402
-    machine_note, prepare_shared_corpus, print_table, series, train_run)
+    machine_note, prepare_shared_corpus, print_table, run_seconds, series, train_run)
 
 from openk2.config import K2Config  # noqa: E402
 
@@ -209,13 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     for v in s.variants:
         lr, wd = v
         for kind, tau in (("muon", None), ("muonclip", s.tau)):
-            t0 = time.time()
             rows = train_run(out / f"{kind}_{tag(v, '_')}", mcfg, corpus, optimizer="muonclip", qk_clip_tau=tau,
                              lr=lr, weight_decay=wd, steps=s.steps, batch_size=s.batch_size,
                              seq_len=s.seq_len, warmup_steps=s.warmup_steps, val_every=s.val_every,
                              val_batches=s.val_batches, ckpt_every=s.steps, detail_every=max(s.steps // 30, 1))
             runs[(kind, v)] = {"rows": rows, "summary": summarize(rows, s, total_heads),
-                               "seconds": round(time.time() - t0, 1)}
+                               "seconds": run_seconds(rows)}
             print(f"  {kind} {tag(v)}: peak max logit {runs[(kind, v)]['summary']['peak_max_logit']:.1f} "
                   f"({runs[(kind, v)]['seconds']:.0f} s)", flush=True)
 
