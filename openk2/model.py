@@ -246,15 +246,18 @@ class MLA(nn.Module):
             probs = torch.softmax(scores, dim=-1).to(v.dtype)
             out = torch.matmul(probs, v)
         else:
-            # CPU's flash kernel needs equal q/k and v head sizes (else SDPA takes the slow math path that
-            # materializes the T x T scores): zero-pad the smaller side; zeros change neither scores nor outputs.
-            if self.v_dim < self.qk_dim:
-                v = F.pad(v, (0, self.qk_dim - self.v_dim))
-            elif self.v_dim > self.qk_dim:
-                q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-            out = out[..., : self.v_dim]
+            out = self._sdpa(q, k, v, is_causal=True)
         return out.transpose(1, 2).reshape(B, T, nh * self.v_dim)
+
+    def _sdpa(self, q, k, v, **kwargs) -> torch.Tensor:
+        """scaled_dot_product_attention with equal head sizes: CPU's flash kernel needs q/k and v to match (else
+        SDPA takes the slow math path that materializes the scores), so the smaller side is zero-padded; zeros
+        change neither the scores nor the kept output columns."""
+        if self.v_dim < self.qk_dim:
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))
+        elif self.v_dim > self.qk_dim:
+            q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
+        return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **kwargs)[..., : self.v_dim]
 
     # -- decode path: compressed cache + weight absorption ------------------------------------------------------
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, cache: MLACache, rows, positions) -> torch.Tensor:
@@ -270,10 +273,11 @@ class MLA(nn.Module):
         row_index = torch.arange(rows.start, rows.stop, device=store.device) if isinstance(rows, slice) else rows
         store[row_index.unsqueeze(1), positions] = new
         span = int(positions[:, -1].max()) + 1
-        latents = store[rows, :span]  # [B', S, r + dr]
-        latents = latents.to(q_nope.dtype)
+        latents = store[rows, :span].to(q_nope.dtype)  # [B', S, r + dr]
         if T > 1:  # prefill: expanding the latents once is cheaper than absorbing for T queries
             return self._attend_cached_expanded(q_nope, q_rope, latents, positions)
+
+        # decode (T == 1): absorbed attention directly on the latents
 
         w_kv = self.kv_b_proj.weight.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim:]
@@ -281,14 +285,13 @@ class MLA(nn.Module):
         query = torch.cat((q_latent, q_rope), dim=-1).reshape(B, T * nh, -1)  # [B', T*h, r + dr]
         scores = torch.bmm(query, latents.transpose(1, 2)).float() * self.softmax_scale  # [B', T*h, S]
         scores = scores.view(B, T, nh, span)
-        if T > 1 or bool((positions[:, -1] < span - 1).any()):  # rows shorter than the longest: mask their tail
+        if bool((positions[:, -1] < span - 1).any()):  # rows shorter than the longest: mask their tail
             future = torch.arange(span, device=scores.device).view(1, 1, span) > positions.unsqueeze(-1)
             scores = scores.masked_fill(future.unsqueeze(2), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(latents.dtype).view(B, T * nh, span)
         out_latent = torch.bmm(probs, latents[..., : self.kv_lora_rank]).view(B, T, nh, self.kv_lora_rank)
         out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))
         return out.reshape(B, T, nh * self.v_dim)
-
 
     def _attend_cached_expanded(self, q_nope, q_rope, latents, positions) -> torch.Tensor:
         """Multi-token append (prefill): expand the cached latents to per-head k/v through kv_b_proj (transient,
@@ -300,14 +303,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, nh, self.rope_dim)), dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)
-        if self.v_dim < self.qk_dim:
-            v = F.pad(v, (0, self.qk_dim - self.v_dim))
-        elif self.v_dim > self.qk_dim:
-            q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
         visible = torch.arange(S, device=q.device).view(1, 1, S) <= positions.unsqueeze(-1)  # [B, T, S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.unsqueeze(1), scale=self.softmax_scale)
-        return out[..., : self.v_dim].transpose(1, 2).reshape(B, T, nh * self.v_dim)
+        out = self._sdpa(q, k, v.transpose(1, 2), attn_mask=visible.unsqueeze(1))
+        return out.transpose(1, 2).reshape(B, T, nh * self.v_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------
