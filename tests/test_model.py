@@ -394,3 +394,16 @@ def test_parity_with_transformers_deepseek_v3(name):
     # the loss matches transformers' too
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, labels=ids).loss, theirs(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_and_save_pretrained_delegate_to_checkpoint(tmp_path):
+    model = K2ForCausalLM(tiny()).eval()
+    randomize_norms_and_bias(model, scale=0.1)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = K2ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert isinstance(loaded, K2ForCausalLM)
+    # (checkpoint.py writes model_type "deepseek_v3" so transformers can load the directory too)
+    assert loaded.config.replace(model_type="kimi_k2") == model.config
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
