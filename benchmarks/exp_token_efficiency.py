@@ -300,6 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     stable_tokens = next((r["tokens"] for r in adamw["rows"] if r["step"] == stable_vals[-1][0]), None) \
         if stable_vals else None
     stable_ratio = None if stable_reach is None or not stable_tokens else stable_reach / stable_tokens
+    # the same ratio for AdamW's loss at 1/4, 1/2, 3/4 and all of the constant-lr phase (how the lead evolves)
+    by_budget = []
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        step = min(stable_vals, key=lambda v: abs(v[0] - frac * stable_end))[0] if stable_vals else None
+        if step is None:
+            continue
+        row = next(r for r in adamw["rows"] if r["step"] == step)
+        need = tokens_to_reach(muon["rows"], row["val_loss"], until_step=stable_end)
+        by_budget.append({"adamw_step": step, "adamw_tokens": row["tokens"], "adamw_val_loss": row["val_loss"],
+                          "muonclip_tokens_to_reach": need,
+                          "ratio": None if need is None else need / row["tokens"]})
 
     print_table("learning-rate sweep (final validation loss; best per optimizer marked *)",
                 ["run", "optimizer", "lr", "final train", "final val", "tokens", "s"],
@@ -316,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"constant-lr phase (steps <= {stable_end}): AdamW val {stable_target:.4f} at {stable_tokens:,} tokens; "
               f"MuonClip reaches it at {'never' if stable_reach is None else f'{stable_reach:,.0f}'} tokens, "
               f"ratio {'n/a' if stable_ratio is None else f'{stable_ratio:.2f}'}")
+    print_table("tokens MuonClip needs to reach AdamW's val loss at points of the constant-lr phase",
+                ["AdamW step", "AdamW tokens", "AdamW val", "MuonClip tokens", "ratio"],
+                [[b["adamw_step"], f"{b['adamw_tokens']:,}", f"{b['adamw_val_loss']:.4f}",
+                  "not reached" if b["muonclip_tokens_to_reach"] is None else f"{b['muonclip_tokens_to_reach']:,.0f}",
+                  "n/a" if b["ratio"] is None else f"{b['ratio']:.2f}"] for b in by_budget])
     for opt, at_edge in edge.items():
         if at_edge:
             print(f"note: {opt}'s best lr {runs[best[opt]]['lr']:g} is at the edge of its sweep")
@@ -334,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "best": best, "adamw_final_val_loss": target, "muonclip_tokens_to_reach": reach,
         "adamw_tokens": adamw["tokens"], "ratio": ratio, "goal_ratio": 0.6,
         "stable_phase": {"end_step": stable_end, "adamw_val_loss": stable_target, "adamw_tokens": stable_tokens,
-                         "muonclip_tokens_to_reach": stable_reach, "ratio": stable_ratio},
+                         "muonclip_tokens_to_reach": stable_reach, "ratio": stable_ratio, "by_budget": by_budget},
         "best_lr_at_sweep_edge": edge, "figures": [str(f) for f in figures],
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
