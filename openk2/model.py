@@ -660,8 +660,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Computed in fp32; returns 0 (not NaN) when every label is ignored."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(logits.shape[:2])}")
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # Shift the labels, not the logits (no copy of the big tensor): the last position gets an ignored label.
+    labels = labels.to(logits.device)
+    shift_labels = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1).reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift_labels, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
     count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
