@@ -193,6 +193,7 @@ def plot(out: Path, runs: dict[str, dict], best: dict[str, str], target: float, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (FormatStrFormatter for the sweep's lr axis)
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -220,6 +221,10 @@ def plot(out: Path, runs: dict[str, dict], best: dict[str, str], target: float, 
         pts = sorted((r["lr"], r["final_val_loss"]) for r in runs.values() if r["optimizer"] == opt)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=colors[opt], label=opt)
     ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(sorted({r["lr"] for r in runs.values()}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.tick_params(axis="x", labelsize=7)
     ax.set(xlabel="learning rate", ylabel="final validation loss", title="learning-rate sweep")
     ax.legend(fontsize=8)
     fig.tight_layout()
