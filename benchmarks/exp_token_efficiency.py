@@ -240,11 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/exp_token_efficiency", help="output directory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")
     p.add_argument("--steps", type=int, default=None, help="override the step budget")
+    p.add_argument("--muonclip-lrs", type=float, nargs="+", default=None, help="override MuonClip's lr grid")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", default=None, help="override AdamW's lr grid")
+    p.add_argument("--max-extensions", type=int, default=None, help="lr values added per optimizer while its "
+                   "best lr sits at the edge of the grid (default 2; 0 = the grid only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = settings(args.quick)
     if args.steps:
         s.steps = args.steps
+    for opt, lrs in (("muonclip", args.muonclip_lrs), ("adamw", args.adamw_lrs)):
+        if lrs:
+            s.lrs[opt] = lrs
+    if args.max_extensions is not None:
+        s.max_extensions = args.max_extensions
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
