@@ -380,7 +380,8 @@ class RoutedExperts(nn.Module):
 
     forward(x [N, H], topk_idx [N, k], topk_weight [N, k]) -> [N, H] = sum_j w_j * Expert_{idx_j}(x).
     Assignments are sorted by expert so each expert's tokens are one contiguous slice, then
-    `torch._grouped_mm` (or, where it is unavailable, a padded batched matmul) runs all experts at once.
+    `torch._grouped_mm` (fp32) or a padded batched matmul (bf16, or where _grouped_mm is missing) runs all
+    experts at once; decode-sized batches (N * k <= E) gather the selected experts' weights instead.
     Under autocast the experts compute in the autocast dtype (bf16), like every other matmul.
     Expert parallelism replaces this module wholesale (same forward signature)."""
 
@@ -390,7 +391,11 @@ class RoutedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.dispatch = "grouped_mm" if hasattr(torch, "_grouped_mm") else "padded_bmm"
+        # "auto": torch._grouped_mm in fp32; under bf16 (and where _grouped_mm is missing) the padded batched
+        # matmul, whose capacity is rounded up to `capacity_multiple` rows: on CPU, low-precision matmuls build a
+        # kernel per new shape, and _grouped_mm sees new per-expert shapes at every step.
+        self.dispatch = "auto"
+        self.capacity_multiple = 64
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         N, k = topk_idx.shape
@@ -405,7 +410,11 @@ class RoutedExperts(nn.Module):
         order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
-        if self.dispatch == "grouped_mm":
+        dispatch = self.dispatch
+        if dispatch == "auto":
+            grouped_ok = hasattr(torch, "_grouped_mm") and dtype == torch.float32
+            dispatch = "grouped_mm" if grouped_ok else "padded_bmm"
+        if dispatch == "grouped_mm":
             y_sorted = self._grouped_mm_swiglu(x_sorted, counts, *weights)
         else:
             y_sorted = self._padded_bmm_swiglu(x_sorted, counts, flat_expert[order], *weights)
@@ -430,6 +439,7 @@ class RoutedExperts(nn.Module):
 
     def _padded_bmm_swiglu(self, xs, counts, sorted_expert, gate, up, down):
         capacity = int(counts.max()) if xs.shape[0] else 0
+        capacity = -(-capacity // self.capacity_multiple) * self.capacity_multiple
         starts = counts.cumsum(0) - counts
         slot = torch.arange(xs.shape[0], device=xs.device) - starts[sorted_expert]
         padded = xs.new_zeros(self.num_experts, capacity, xs.shape[-1])

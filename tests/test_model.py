@@ -267,7 +267,7 @@ def naive_experts(module: RoutedExperts, x, topk_idx, topk_weight):
     return out
 
 
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm", "auto"])
 def test_grouped_dispatch_equals_naive_per_expert_loop(dispatch):
     if dispatch == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not in this torch build")
