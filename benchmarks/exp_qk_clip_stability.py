@@ -58,7 +58,7 @@ def settings(quick: bool) -> Settings:
         # tau far below the tiny model's logits (~0.06 at init, ~0.3 after 10 steps) so the clip certainly acts
         return Settings(tau=0.1, variants=[(0.05, 0.0)], steps=10, batch_size=4, seq_len=32, warmup_steps=1,
                         val_every=5, val_batches=2, vocab_size=512, val_fraction=0.34, loss_window=3)
-    return Settings(tau=30.0, variants=[(0.05, 0.0), (0.1, 0.1)], steps=800, batch_size=8, seq_len=128,
+    return Settings(tau=30.0, variants=[(0.02, 0.0), (0.05, 0.0), (0.1, 0.1)], steps=800, batch_size=8, seq_len=128,
                     warmup_steps=10, val_every=50, val_batches=4, vocab_size=2048, val_fraction=0.05,
                     loss_window=30)
 
