@@ -1,7 +1,7 @@
 """QK-Clip stability at small scale (issue 3, "Benchmarks and experiments"; K2 report §2.1, spec §2.3).
 
-A small MLA model with few, wide heads, a high Muon learning rate and no weight decay: plain Muon's
-(`qk_clip_tau=None`) max attention logit grows past 10·τ. The same run with MuonClip (same seed, data, lr) keeps it
+A small MLA model with few, wide heads and a high Muon learning rate (three lr / weight-decay variants): plain
+Muon's (`qk_clip_tau=None`) max attention logit grows past 10·τ. The same run with MuonClip (same seed, data, lr) keeps it
 at τ; we report the peak logits, the one-step overshoot, the final losses (goal: MuonClip within 1% of the
 unclipped run, or better where that one spikes) and the share of heads clipped per step over training.
 
@@ -12,7 +12,7 @@ step's Muon update *and* clip. The clip of step t scales by τ / S_t, with S_t m
 the update of step t itself is not undone: the recorded logit can exceed τ by one step's growth (the overshoot
 reported below); it is never allowed to compound.
 
-    python benchmarks/exp_qk_clip_stability.py --out runs/exp_qk_clip_stability        # full (~15 min, 2 cores)
+    python benchmarks/exp_qk_clip_stability.py --out runs/exp_qk_clip_stability        # full (~11 min, 2 cores)
     python benchmarks/exp_qk_clip_stability.py --quick --out /tmp/qs                     # toy smoke run (seconds)
 
 Every run is the real training loop (`openk2.train.Trainer`); the shared-corpus and run helpers come from

@@ -8,7 +8,7 @@ points. The report's goal is <= 0.6x.
 Every run is the real training loop (`openk2.train.Trainer` with a `TrainConfig`), nothing re-implemented here.
 The helpers at the top (shared corpus, one run, curve interpolation) are also used by exp_qk_clip_stability.py.
 
-    python benchmarks/exp_token_efficiency.py --out runs/exp_token_efficiency            # full (~20 min, 2 cores)
+    python benchmarks/exp_token_efficiency.py --out runs/exp_token_efficiency            # full (~25 min, 2 cores)
     python benchmarks/exp_token_efficiency.py --quick --out /tmp/te                      # toy smoke run (seconds)
 
 Writes OUT/results.json, OUT/token_efficiency_val_loss.png, OUT/token_efficiency_lr_sweep.png, one run dir per run.
