@@ -14,7 +14,7 @@ $(BIN)/activate: pyproject.toml
 setup: $(BIN)/activate
 
 run: setup
-	$(BIN)/openk2 pretrain --out runs/demo
+	$(BIN)/openk2 pretrain
 
 test: setup
 	$(BIN)/python -m pytest tests -x -q --durations=15

@@ -58,7 +58,7 @@ class TrainConfig:
     val_fraction: float = 0.01
     # run
     out: str = "runs/pretrain"
-    steps: int = 400
+    steps: int = 300  # ~5 minutes at `small` on 2 CPU cores (measured: 0.87 s/step + ~45 s data prep)
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
