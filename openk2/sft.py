@@ -151,18 +151,24 @@ def evaluate_tool_calls(model, tokenizer, tasks: list[toolworld.ToolTask], *, ma
                            add_generation_prompt=True).ids for t in tasks]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     completions = engine.generate([list(p) for p in prompts], params)
-    well, correct, examples = 0, 0, []
+    well, right_tool, correct, examples = 0, 0, 0, []
     for task, comp in zip(tasks, completions):
         parsed = parse_assistant_output(comp.text, tools=toolworld.TOOLS)
         calls = [_call_dict(c) for c in parsed.tool_calls]
         score = toolworld.score_tool_call(task, calls, parsed.errors)
         well += score.well_formed
+        right_tool += score.right_tool
         correct += score.correct
         if len(examples) < 4:
             examples.append({"question": task.question, "output": comp.text, "well_formed": score.well_formed,
                              "correct": score.correct})
     n = max(len(tasks), 1)
-    return {"n": len(tasks), "well_formed": well / n, "correct": correct / n, "examples": examples}
+    return {"n": len(tasks), "well_formed": well / n, "right_tool": right_tool / n, "correct": correct / n,
+            "examples": examples}
+
+
+def _score_line(r: dict[str, Any]) -> str:
+    return f"well-formed {r['well_formed']:.1%}, right tool {r['right_tool']:.1%}, correct {r['correct']:.1%}"
 
 
 def _call_dict(call) -> dict[str, Any]:
@@ -248,20 +254,18 @@ def run_sft(cfg: TrainConfig, *, base: str | None, data: str | None, n_train: in
     report: dict[str, Any] = {"base": base_desc}
     if eval_tool_calls and eval_tasks and not cfg.resume:
         report["before"] = evaluate_tool_calls(model, tokenizer, eval_tasks)
-        _log(f"held-out tool calls before SFT: well-formed {report['before']['well_formed']:.1%}, "
-             f"correct {report['before']['correct']:.1%}")
+        _log(f"held-out tool calls before SFT: {_score_line(report['before'])}")
     trainer = Trainer(cfg, model, batches, tokenizer=tokenizer, stage="sft")
     report["train"] = trainer.fit()
     if eval_tool_calls and eval_tasks:
         report["after"] = evaluate_tool_calls(model, tokenizer, eval_tasks)
-        _log(f"held-out tool calls after SFT: well-formed {report['after']['well_formed']:.1%}, "
-             f"correct {report['after']['correct']:.1%}")
+        _log(f"held-out tool calls after SFT: {_score_line(report['after'])}")
         (run_dir / "tool_eval.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-SFT_DEFAULTS = TrainConfig(out="runs/sft", steps=300, batch_size=8, seq_len=512, lr=1e-3, warmup_steps=10,
-                           decay_fraction=0.3, val_every=100, ckpt_every=100, detail_every=50)
+SFT_DEFAULTS = TrainConfig(out="runs/sft", steps=120, batch_size=8, seq_len=512, lr=1e-3, warmup_steps=10,
+                           decay_fraction=0.3, val_every=40, ckpt_every=60, detail_every=20)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,6 +194,7 @@ def make_tasks(split: str, n: int, seed: int = 0) -> list[ToolTask]:
 class CallScore:
     well_formed: bool  # exactly one parseable call to a declared tool with a JSON-object argument
     correct: bool  # ... and the call does what the task needs (same tool; same result / same arguments)
+    right_tool: bool = False  # well formed and the tool the task needs, whatever the arguments
 
 
 def score_tool_call(task: ToolTask, tool_calls: list[dict[str, Any]], parse_errors: list[Any]) -> CallScore:
@@ -214,5 +215,5 @@ def score_tool_call(task: ToolTask, tool_calls: list[dict[str, Any]], parse_erro
         return CallScore(True, False)
     if name == "calculate":  # any expression with the right value counts
         got = execute_tool(name, args, build_atlas())
-        return CallScore(True, got == task.result)
-    return CallScore(True, args == task.arguments)
+        return CallScore(True, got == task.result, True)
+    return CallScore(True, args == task.arguments, True)

@@ -47,9 +47,11 @@ def test_scoring():
     task = toolworld.make_tasks("heldout", 1)[0]
     assert task.tool == "calculate"
     good = [{"name": "calculate", "arguments": json.dumps(task.arguments)}]
-    assert toolworld.score_tool_call(task, good, []) == toolworld.CallScore(True, True)
+    assert toolworld.score_tool_call(task, good, []) == toolworld.CallScore(True, True, True)
     wrong_value = [{"name": "calculate", "arguments": {"expression": "1 + 1"}}]
-    assert toolworld.score_tool_call(task, wrong_value, []) == toolworld.CallScore(True, False)
+    assert toolworld.score_tool_call(task, wrong_value, []) == toolworld.CallScore(True, False, True)
+    other_tool = [{"name": "get_fact", "arguments": {"entity": "X", "attribute": "capital"}}]
+    assert toolworld.score_tool_call(task, other_tool, []) == toolworld.CallScore(True, False, False)
     assert toolworld.score_tool_call(task, [{"name": "calculate", "arguments": "{bad"}], []).well_formed is False
     assert toolworld.score_tool_call(task, good + good, []).well_formed is False
     assert toolworld.score_tool_call(task, good, ["unclosed section"]).well_formed is False
