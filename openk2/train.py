@@ -238,6 +238,7 @@ class Trainer:
                  ctx=None, stage: str = "pretrain"):
         self.cfg, self.model, self.batches, self.tokenizer, self.stage = cfg, model, batches, tokenizer, stage
         self.ctx = ctx
+        self.distributed = ctx is not None and ctx.world_size > 1
         self.is_main = ctx is None or ctx.is_main
         self.run_dir = Path(cfg.out)
         self.device = next(model.parameters()).device
@@ -289,12 +290,12 @@ class Trainer:
             loss_sum += float(out.loss.detach())
             n_tokens += input_ids.numel()
         loss = loss_sum / cfg.grad_accum
-        if self.ctx is not None and self.ctx.world_size > 1:
-            loss = float(self.ctx.all_reduce_mean(torch.tensor(loss, device=self.device)))
-            n_tokens *= self.ctx.data_world
-        if self.ctx is not None and self.ctx.world_size > 1:  # expert stacks and dense params: different meshes
+        if self.distributed:
             from openk2.parallel import clip_grad_norm_ as dist_clip_grad_norm_
 
+            loss = float(self.ctx.all_reduce_mean(torch.tensor(loss, device=self.device)))
+            n_tokens *= self.ctx.data_world
+            # expert stacks and dense parameters live on different meshes: torch's clip cannot mix them
             grad_norm = float(dist_clip_grad_norm_(model.parameters(), cfg.grad_clip, self.ctx))
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -303,7 +304,7 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.bad_in_a_row = 0
-            if self.ctx is not None and self.ctx.world_size > 1:
+            if self.distributed:
                 from openk2.parallel import sync_router_load
 
                 sync_router_load(model, self.ctx)
@@ -360,7 +361,7 @@ class Trainer:
             total += float(out.loss)
         self.model.train()
         val = total / len(batches)
-        if self.ctx is not None and self.ctx.world_size > 1:
+        if self.distributed:
             val = float(self.ctx.all_reduce_mean(torch.tensor(val, device=self.device)))
         return val
 
@@ -378,7 +379,7 @@ class Trainer:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:06d}"
         final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-        if self.ctx is not None and self.ctx.world_size > 1:
+        if self.distributed:
             from openk2.parallel import save_distributed
 
             save_distributed(final, self.model, self.optimizer, self.trainer_state_without_optimizer())
@@ -409,10 +410,14 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, ckpt: Path) -> None:
-        if (ckpt / "dcp").exists() or (self.ctx is not None and self.ctx.world_size > 1):
-            from openk2.parallel import load_distributed
+        from openk2.parallel import is_distributed_checkpoint, load_distributed
 
+        if is_distributed_checkpoint(ckpt):  # written under torchrun: resumes at any world size, 1 included
             state = load_distributed(ckpt, self.model, self.optimizer)
+        elif self.distributed:
+            raise TrainingStopped(f"{ckpt} was written by a single-process run (HF layout + {TRAINER_STATE}); a "
+                                  "torchrun job resumes only distributed checkpoints. Resume it in one process, or "
+                                  f"start the distributed run from its weights with --init-from {ckpt}.")
         else:
             from openk2.checkpoint import load_hf_state_dict_from_dir
 
