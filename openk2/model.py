@@ -412,7 +412,10 @@ class RoutedExperts(nn.Module):
         x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
         dispatch = self.dispatch
         if dispatch == "auto":
-            grouped_ok = hasattr(torch, "_grouped_mm") and dtype == torch.float32
+            # torch.compile's shape rules for _grouped_mm accept bf16 only (the CUDA kernel's constraint), while
+            # the eager CPU kernel is the fast fp32 path: compiled fp32 graphs take the padded bmm instead.
+            grouped_ok = (hasattr(torch, "_grouped_mm") and dtype == torch.float32
+                          and not torch.compiler.is_compiling())
             dispatch = "grouped_mm" if grouped_ok else "padded_bmm"
         if dispatch == "grouped_mm":
             y_sorted = self._grouped_mm_swiglu(x_sorted, counts, *weights)

@@ -164,3 +164,57 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, small_corpus):
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert a == b, {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     assert not (killed / "checkpoints" / ".tmp-step_000099").exists()
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path):
+    _, model_a, a = _tiny_trainer(tmp_path / "a")
+    _, model_b, b = _tiny_trainer(tmp_path / "b", activation_checkpointing=True)
+    ra, rb = a.train_step(), b.train_step()
+    assert ra["loss"] == rb["loss"] and ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-6)
+    for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    assert ra["max_logit"] == pytest.approx(rb["max_logit"], rel=1e-6)
+
+
+def test_model_compiles_with_max_logit_recording():
+    torch.manual_seed(0)
+    model = K2ForCausalLM(K2Config.preset("tiny"))
+    model.set_record_max_logits(True)
+    x = torch.randint(0, model.config.vocab_size, (2, 32))
+    eager = model(x, labels=x).loss
+    eager_logits = model.max_attention_logits().clone()
+    compiled = torch.compile(model, backend="aot_eager")(x, labels=x).loss
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(model.max_attention_logits(), eager_logits)
+
+
+def test_config_file_then_flags(tmp_path):
+    import argparse
+
+    from openk2.train import add_train_arguments, resolve_config
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"steps": 7, "lr": 0.5, "qk_clip_tau": None}))
+    p = argparse.ArgumentParser()
+    add_train_arguments(p, TrainConfig())
+    cfg = resolve_config(p.parse_args(["--config", str(path), "--lr", "0.25"]), TrainConfig())
+    assert (cfg.steps, cfg.lr, cfg.qk_clip_tau) == (7, 0.25, None)
+    cfg = resolve_config(p.parse_args(["--qk-clip-tau", "none", "--no-plots"]), TrainConfig())
+    assert cfg.qk_clip_tau is None and cfg.plots is False
+    path.write_text(json.dumps({"stepz": 7}))
+    with pytest.raises(ValueError, match=r"run.json: unknown field"):
+        resolve_config(p.parse_args(["--config", str(path)]), TrainConfig())
+
+
+def test_pretrain_default_corpus_30_steps(tmp_path):
+    """`openk2 pretrain --steps 30` on the embedded corpus (small preset, MuonClip): the loss falls, plots exist."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, "-m", "openk2", "pretrain", "--steps", "30", "--out", str(out), "--no-progress"],
+                   check=True, env=env, timeout=900, capture_output=True)
+    losses = _losses(out)
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
+    assert last < first - 1.0, (first, last)
+    assert {p.name for p in (out / "plots").iterdir()} >= {"loss.png", "max_logit.png", "clipped_heads.png"}
+    assert latest_checkpoint(out).name == "step_000030"
