@@ -370,6 +370,14 @@ def _warn_skipped(tally: _StepTally, where: str) -> None:
 # Muon
 
 
+def _evaluate_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """torch.optim's closure convention: re-evaluate the loss with grad enabled inside a no_grad step."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights and 3-D stacks of matrices (one orthogonalization per leading index).
 
@@ -395,10 +403,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         tally = _StepTally()
         for group in self.param_groups:
             params, grads = _collect_grads(group, None, tally)
@@ -573,10 +578,7 @@ class MuonClip(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         tally = _StepTally()
         for group in self.param_groups:
             params, grads = _collect_grads(group, self.param_names, tally)
