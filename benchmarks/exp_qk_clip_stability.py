@@ -22,7 +22,6 @@ exp_token_efficiency.py. Writes OUT/results.json and OUT/stability_*.png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exp_token_efficiency import (  # noqa: E402
-    machine_note, prepare_shared_corpus, print_table, run_seconds, series, train_run)
+    machine_note, prepare_shared_corpus, print_table, run_seconds, series, train_run, write_results)
 
 from openk2.config import K2Config  # noqa: E402
 
@@ -259,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                  for (kind, v), r in runs.items()},
         "comparisons": comparisons, "figures": [str(f) for f in figures],
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out / 'results.json'} and {', '.join(f.name for f in figures)} "
-          f"({results['wall_seconds']:.0f} s)")
+    write_results(out, results, figures)
     return 0
 
 

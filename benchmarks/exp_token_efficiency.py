@@ -140,6 +140,13 @@ def machine_note() -> str:
             f"thread(s), load average {load:.1f} at start")
 
 
+def write_results(out: Path, results: dict, figures: list[Path]) -> None:
+    """OUT/results.json, and a line saying what was written."""
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out / 'results.json'} and {', '.join(f.name for f in figures)} "
+          f"({results['wall_seconds']:.0f} s)")
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     print(f"\n{title}")
@@ -367,9 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                          "muonclip_tokens_to_reach": stable_reach, "ratio": stable_ratio, "by_budget": by_budget},
         "best_lr_at_sweep_edge": edge, "figures": [str(f) for f in figures],
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out / 'results.json'} and {', '.join(f.name for f in figures)} "
-          f"({results['wall_seconds']:.0f} s)")
+    write_results(out, results, figures)
     return 0
 
 
