@@ -104,23 +104,30 @@ def bench_train(name: str, cfg: K2Config, batch: int, seq: int, steps: int, warm
     return rows
 
 
-@torch.no_grad()
-def bench_decode(cfg: K2Config, batch: int, context: int, new_tokens: int) -> tuple:
+def bench_decode(cfg: K2Config, batch: int, context: int, new_tokens: int, rounds: int = 1) -> tuple:
+    """Decode tokens/s, ours vs transformers, median over `rounds` interleaved rounds (ours, theirs, ours, ...)."""
     ours, theirs = paired_models(cfg)
     ours.eval()
     theirs.eval()
     prompts = torch.randint(0, cfg.vocab_size, (batch, context))
 
-    cache = ours.init_cache(batch, context + new_tokens + 1)
-    for row in range(batch):  # prefill one request per call, as the engine does
-        logits = ours(prompts[row : row + 1], cache=cache, cache_rows=torch.tensor([row])).logits
-    token = torch.randint(0, cfg.vocab_size, (batch, 1))
-    ours(token, cache=cache)  # warm-up step
-    start = clock()
-    for _ in range(new_tokens):
-        logits = ours(token, cache=cache).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-    t_ours = clock() - start
+    # ours runs as the engine runs it: inference mode, one prefill per request, then all rows decode together
+    with torch.inference_mode():
+        cache = ours.init_cache(batch, context + new_tokens + 1)
+        for row in range(batch):
+            ours(prompts[row : row + 1], cache=cache, cache_rows=torch.tensor([row]))
+        prefilled = cache.lengths.clone()
+        ours(prompts[:, -1:], cache=cache)  # warm-up step (builds the decode weight layout)
+
+    def decode_ours() -> float:
+        with torch.inference_mode():
+            cache.lengths.copy_(prefilled)  # rewind: every round decodes the same positions
+            token = prompts[:, -1:]
+            start = clock()
+            for _ in range(new_tokens):
+                logits = ours(token, cache=cache).logits
+                token = logits[:, -1].argmax(-1, keepdim=True)
+            return clock() - start
 
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -139,12 +146,18 @@ def bench_decode(cfg: K2Config, batch: int, context: int, new_tokens: int) -> tu
                         logits_processor=LogitsProcessorList([step_clock]))
         return step_clock
 
+    def decode_theirs() -> float:
+        stamps = generate(1 + new_tokens).stamps
+        return stamps[-1] - stamps[0]  # new_tokens decode steps after the prefill
+
     generate(2)  # warm-up
-    stamps = generate(1 + new_tokens).stamps
-    t_theirs = stamps[-1] - stamps[0]  # new_tokens decode steps after the prefill
+    times_ours, times_theirs = [], []
+    for _ in range(rounds):
+        times_ours.append(decode_ours())
+        times_theirs.append(decode_theirs())
     tokens = batch * new_tokens
-    return (f"decode small batch {batch} @ {context} ctx", tokens / t_ours, tokens / t_theirs,
-            f"{new_tokens} steps timed")
+    return (f"decode small batch {batch} @ {context} ctx", tokens / statistics.median(times_ours),
+            tokens / statistics.median(times_theirs), f"{new_tokens} steps, median of {rounds} rounds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few steps, short decode: a sanity run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the decode comparison (1024-token context, 32 new tokens; 128 and 4 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved decode rounds (default 5, quick 1)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,18 +178,20 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     steps, warmup = (1, 1) if quick else (8, 2)
-    peaks = {
-        "fp32": matmul_peak(torch.float32, 1024 if quick else 2048, 3 if quick else 10),
-        "bf16": matmul_peak(torch.bfloat16, 1024 if quick else 2048, 3 if quick else 10),
-    }
-    rows = []
-    rows += bench_train("tiny", K2Config.preset("tiny"), 4, 64, steps, warmup, peaks)
-    small_batch, small_seq = (1, 256) if quick else (4, 512)
-    rows += bench_train("small", K2Config.preset("small"), small_batch, small_seq, steps, warmup, peaks)
+    rows, peaks = [], {}
+    if not args.decode_only:
+        peaks = {
+            "fp32": matmul_peak(torch.float32, 1024 if quick else 2048, 3 if quick else 10),
+            "bf16": matmul_peak(torch.bfloat16, 1024 if quick else 2048, 3 if quick else 10),
+        }
+        rows += bench_train("tiny", K2Config.preset("tiny"), 4, 64, steps, warmup, peaks)
+        small_batch, small_seq = (1, 256) if quick else (4, 512)
+        rows += bench_train("small", K2Config.preset("small"), small_batch, small_seq, steps, warmup, peaks)
     context, new_tokens = (128, 4) if quick else (1024, 32)
+    rounds = args.rounds or (1 if quick else 5)
     small = K2Config.preset("small")
     for batch in (1, 8):
-        rows.append(bench_decode(small, batch, context, new_tokens))
+        rows.append(bench_decode(small, batch, context, new_tokens, rounds))
 
     table = Table(title=f"openk2 model vs transformers DeepseekV3 ({torch.get_num_threads()} threads, {args.clock} "
                         f"clock{', QUICK' if quick else ''})")
@@ -183,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(label, f"{ours:,.0f}", f"{theirs:,.0f}", f"{ours / theirs:.2f}x", note)
     console = Console()
     console.print(table)
-    console.print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    if peaks:
+        console.print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
 
     kv = Table(title="decode KV cache bytes per token (bf16, all layers)")
     for col in ("config", "absorbed latent (c_kv + k_rope)", "per-head K/V", "ratio"):

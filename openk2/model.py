@@ -144,6 +144,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Decode weight layout: [in, out] copies of the matrices a CPU decode step reads
+#
+# A decode step multiplies one row per sequence by every weight matrix, so it is bound by how fast the matrix-vector
+# product streams the weights. On CPU, MKL streams an [in, out] matrix (x @ W^T with W^T contiguous) up to ~2x
+# faster than nn.Linear's [out, in] layout (lm_head of `small`: ~0.6 ms vs ~1.5 ms per token on this machine), and
+# one wide product beats two narrow ones. So, only on CPU, only without autograd and only for a few rows, matmuls
+# read copies of the weights transposed to [in, out], with matrices that share an input concatenated (q_a + kv_a,
+# gate + up). A copy is made on first use, cached on the module as a plain attribute (never a parameter, buffer or
+# state_dict entry) and keyed on its sources' storage and version counter: any in-place update (optimizer step,
+# QK-Clip, load_state_dict, copy_) bumps the version, and `.to()` drops every copy (K2ForCausalLM._apply), so a
+# stale copy is never read. The cost is one more copy of the matrices in memory, freed by
+# `K2ForCausalLM.release_decode_weights()`; writes through `param.data` bypass the version counter: call it after
+# those.
+DECODE_LAYOUT_MAX_ROWS = 4  # from 8 rows on the copies stop paying (MKL's small-M gemm takes over)
+_DECODE_SLOT = "_decode_t_"
+
+
+def _decode_layout(x: torch.Tensor) -> bool:
+    """True when matmuls on x should read the [in, out] decode copies."""
+    return (x.numel() <= DECODE_LAYOUT_MAX_ROWS * x.shape[-1] and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def _decode_weight(holder: nn.Module, name: str, *weights: torch.Tensor) -> torch.Tensor:
+    """`weights` ([..., out_i, in] each) concatenated along out and stored as one contiguous [..., in, sum out_i]
+    copy, cached on `holder` under `name` and rebuilt whenever a source changed."""
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    slot = _DECODE_SLOT + name
+    cached = holder.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even when built in inference mode
+            merged = weights[0] if len(weights) == 1 else torch.cat(weights, dim=-2)
+            cached = (key, merged.detach().transpose(-2, -1).contiguous())
+        holder.__dict__[slot] = cached
+    return cached[1]
+
+
+def _linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """linear(x), through its decode copy when x is a few rows on CPU without autograd."""
+    if not _decode_layout(x):
+        return linear(x)
+    out = torch.matmul(x, _decode_weight(linear, "weight", linear.weight))
+    return out if linear.bias is None else out + linear.bias
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Decode cache: latent c_kv (normalized) + rotated k_rope per token, never per-head K/V
 class MLACache:
     """Compressed decode cache. `latents[layer]` is [B, max_len, kv_lora_rank + qk_rope_head_dim]
@@ -159,6 +205,7 @@ class MLACache:
             torch.zeros(batch_size, max_len, width, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
         ]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.step: CacheStep | None = None  # set by K2ForCausalLM.forward for the duration of one forward
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,6 +224,59 @@ class MLACache:
             self.lengths.zero_()
         else:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+
+
+@dataclass
+class CacheStep:
+    """Where one cached forward writes and reads. Decided once per forward from the row lengths read to the host
+    (one sync), so the layers never sync with the device to size or mask their reads."""
+
+    rows: slice | torch.Tensor  # the rows of this call: a contiguous block (read as a view) or their ids
+    positions: torch.Tensor  # [B', T] the new tokens' absolute positions (= the row's length before + t)
+    span: int  # cache slots to read: the longest row's length after the write
+    start: int | None  # every row starts at this length (the write is a slice copy), else None
+    _future: torch.Tensor | None = None
+
+    @classmethod
+    def plan(cls, rows: slice | torch.Tensor, starts: list[int], length: int, device) -> "CacheStep":
+        """rows + their lengths before this call (host ints) + the number of new tokens per row."""
+        same = all(s == starts[0] for s in starts)
+        if same:
+            positions = torch.arange(starts[0], starts[0] + length, device=device).expand(len(starts), length)
+        else:
+            positions = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(length, device=device)
+        return cls(rows, positions, max(starts) + length, starts[0] if same else None)
+
+    @classmethod
+    def from_positions(cls, rows: slice | torch.Tensor | None, positions: torch.Tensor) -> "CacheStep":
+        """For a layer called directly with positions (no plan from the model): syncs to read them."""
+        starts = positions[:, 0].tolist()
+        rows = slice(0, positions.shape[0]) if rows is None else rows
+        step = cls.plan(rows, starts, positions.shape[1], positions.device)
+        step.positions = positions
+        return step
+
+    @property
+    def ragged(self) -> bool:
+        """Some row ends before `span`: its tail slots hold other data and must be masked."""
+        return self.start is None
+
+    def future_mask(self) -> torch.Tensor:
+        """[B', T, span] True where a slot lies after the query's own position (computed once, shared by layers)."""
+        if self._future is None:
+            slots = torch.arange(self.span, device=self.positions.device).view(1, 1, self.span)
+            self._future = slots > self.positions.unsqueeze(-1)
+        return self._future
+
+    def write(self, store: torch.Tensor, new: torch.Tensor) -> None:
+        """Write the new tokens' latents [B', T, w] into a layer's store [B, max_len, w]."""
+        if self.start is not None and isinstance(self.rows, slice):
+            store[self.rows, self.start : self.start + new.shape[1]] = new
+            return
+        rows = self.rows
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=store.device)
+        store[rows.unsqueeze(1), self.positions] = new
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,11 +323,10 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: MLACache | None = None,
                 cache_rows: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        q_nope, q_rope, c_kv, k_rope = self._project(x, cos, sin)
         if cache is not None:
-            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, cache, cache_rows, positions)
-        else:
-            out = self._attend_full(q_nope, q_rope, c_kv, k_rope)
+            return _linear(self._attend_absorbed(x, cos, sin, cache, cache_rows, positions), self.o_proj)
+        q_nope, q_rope, c_kv, k_rope = self._project(x, cos, sin)
+        out = self._attend_full(q_nope, q_rope, c_kv, k_rope)
         return self.o_proj(out)
 
     # -- training / full-sequence path -------------------------------------------------------------------------
@@ -260,38 +359,60 @@ class MLA(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **kwargs)[..., : self.v_dim]
 
     # -- decode path: compressed cache + weight absorption ------------------------------------------------------
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, cache: MLACache, rows, positions) -> torch.Tensor:
-        """Attend over the cached latents. positions [B', T] are the new tokens' absolute positions (= the row's
-        length before this call + t); they are written to the cache first, then every query attends to cache slots
-        0..its own position. kv_b_proj's k half is folded into q, its v half applied after the weighted sum."""
-        B, T, nh, _ = q_nope.shape
+    def _project_cached(self, x, cos, sin):
+        """_project for the cached path, in fewer ops (decode is per-op overhead bound on CPU): k_rope is rotated
+        together with the query heads, as one more head."""
+        B, T, _ = x.shape
+        nh, r = self.num_heads, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q, kv = _linear(x, self.q_proj), _linear(x, self.kv_a_proj_with_mqa)
+        elif _decode_layout(x) and self.q_a_proj.bias is None:  # q_a and kv_a read x: one product on one copy
+            fused = _decode_weight(self, "q_a_kv_a", self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
+            q_a, kv = torch.matmul(x, fused).split([self.q_lora_rank, r + self.rope_dim], dim=-1)
+            q = _linear(self.q_a_layernorm(q_a), self.q_b_proj)
+        else:
+            q = _linear(self.q_a_layernorm(_linear(x, self.q_a_proj)), self.q_b_proj)
+            kv = _linear(x, self.kv_a_proj_with_mqa)
+        c_kv, k_rope = kv.split([r, self.rope_dim], dim=-1)
+        q_nope, q_rope = q.view(B, T, nh, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
+        rope = torch.cat((q_rope, k_rope.unsqueeze(2)), dim=2)  # [B, T, h + 1, dr]
+        rope = apply_rope(rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_interleave)
+        return q_nope, rope[:, :, :nh], self.kv_a_layernorm(c_kv), rope[:, :, nh]
+
+    def _attend_absorbed(self, x, cos, sin, cache: MLACache, rows, positions) -> torch.Tensor:
+        """Append x's tokens to the cache and attend over the cached latents. The new tokens are written first
+        (at `positions` [B', T], their absolute positions), then every query attends to cache slots 0..its own
+        position. One token per row (decode): kv_b_proj's k half is folded into q, its v half applied after the
+        weighted sum, so per-head keys and values are never formed."""
+        B, T, _ = x.shape
+        nh, r = self.num_heads, self.kv_lora_rank
+        q_nope, q_rope, c_kv, k_rope = self._project_cached(x, cos, sin)
+        step = cache.step if cache.step is not None else CacheStep.from_positions(rows, positions)
         store = cache.latents[self.layer_idx]
-        new = torch.cat((c_kv, k_rope), dim=-1).to(store.dtype)
-        # rows: None (all), a slice (a contiguous block: read as a view, no copy) or a LongTensor of row ids
-        if rows is None:
-            rows = slice(0, B)
-        row_index = torch.arange(rows.start, rows.stop, device=store.device) if isinstance(rows, slice) else rows
-        store[row_index.unsqueeze(1), positions] = new
-        span = int(positions[:, -1].max()) + 1
-        latents = store[rows, :span].to(q_nope.dtype)  # [B', S, r + dr]
+        step.write(store, torch.cat((c_kv, k_rope), dim=-1).to(store.dtype))
+        latents = store[step.rows, : step.span]  # [B', S, r + dr]
+        if latents.dtype != q_nope.dtype:
+            latents = latents.to(q_nope.dtype)
         if T > 1:  # prefill: expanding the latents once is cheaper than absorbing for T queries
-            return self._attend_cached_expanded(q_nope, q_rope, latents, positions)
+            return self._attend_cached_expanded(q_nope, q_rope, latents, step.positions)
 
-        # decode (T == 1): absorbed attention directly on the latents
-
-        w_kv = self.kv_b_proj.weight.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim:]
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk.to(q_nope.dtype))
-        query = torch.cat((q_latent, q_rope), dim=-1).reshape(B, T * nh, -1)  # [B', T*h, r + dr]
-        scores = torch.bmm(query, latents.transpose(1, 2)).float() * self.softmax_scale  # [B', T*h, S]
-        scores = scores.view(B, T, nh, span)
-        if bool((positions[:, -1] < span - 1).any()):  # rows shorter than the longest: mask their tail
-            future = torch.arange(span, device=scores.device).view(1, 1, span) > positions.unsqueeze(-1)
-            scores = scores.masked_fill(future.unsqueeze(2), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(latents.dtype).view(B, T * nh, span)
-        out_latent = torch.bmm(probs, latents[..., : self.kv_lora_rank]).view(B, T, nh, self.kv_lora_rank)
-        out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))
-        return out.reshape(B, T, nh * self.v_dim)
+        # decode (T == 1). kv_b_proj.weight viewed per head [h, dn + dv, r]: W_uk = [:, :dn], W_uv = [:, dn:].
+        # Plain views: bmm reads them strided, so nothing is copied or cached per step.
+        w_kv = self.kv_b_proj.weight.view(nh, self.nope_dim + self.v_dim, r)
+        if w_kv.dtype != q_nope.dtype:
+            w_kv = w_kv.to(q_nope.dtype)
+        q_latent = torch.bmm(q_nope.reshape(B, nh, self.nope_dim).transpose(0, 1), w_kv[:, : self.nope_dim])
+        query = torch.cat((q_latent.transpose(0, 1), q_rope.reshape(B, nh, self.rope_dim)), dim=-1)
+        query.mul_(self.softmax_scale)  # [B', h, r + dr], scaled here: h*(r+dr) values instead of h*S scores
+        scores = torch.bmm(query, latents.transpose(1, 2))  # [B', h, S]
+        if step.ragged:  # rows shorter than the longest: mask their tail
+            scores = scores.masked_fill(step.future_mask(), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if probs.dtype != latents.dtype:
+            probs = probs.to(latents.dtype)
+        out_latent = torch.bmm(probs, latents[..., :r])  # [B', h, r]
+        out = torch.bmm(out_latent.transpose(0, 1), w_kv[:, self.nope_dim:].transpose(1, 2))  # [h, B', dv]
+        return out.transpose(0, 1).reshape(B, 1, nh * self.v_dim)
 
     def _attend_cached_expanded(self, q_nope, q_rope, latents, positions) -> torch.Tensor:
         """Multi-token append (prefill): expand the cached latents to per-head k/v through kv_b_proj (transient,
@@ -320,6 +441,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _decode_layout(x):  # decode: one product for gate and up on the [in, out] copies (see _decode_weight)
+            gate, up = torch.matmul(x, _decode_weight(self, "gate_up", self.gate_proj.weight, self.up_proj.weight)
+                                    ).chunk(2, dim=-1)
+            return torch.matmul(F.silu(gate) * up, _decode_weight(self, "down", self.down_proj.weight))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -400,13 +525,13 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         N, k = topk_idx.shape
         dtype = _autocast_dtype(x.device.type) or self.gate_proj.dtype
+        if N * k <= self.num_experts:
+            # Few assignments (decode): a grouped matmul would iterate over mostly empty groups.
+            if x.device.type == "cpu" and not torch.compiler.is_compiling():
+                return self._per_expert_swiglu(x, topk_idx, topk_weight, dtype)
+            return self._gathered_swiglu(x, topk_idx, topk_weight, dtype)
         flat_expert = topk_idx.reshape(-1)
         weights = [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]  # no-op unless autocast
-        if N * k <= self.num_experts:
-            # Few assignments (decode): gather each assignment's expert weights and run one batched matmul per
-            # projection; a grouped matmul would iterate over mostly empty groups.
-            y = self._gathered_swiglu(x.to(dtype).repeat_interleave(k, dim=0), flat_expert, *weights)
-            return torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y.view(N, k, -1)).squeeze(1).to(x.dtype)
         order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
@@ -433,12 +558,56 @@ class RoutedExperts(nn.Module):
         h = h * torch._grouped_mm(xs, up.transpose(-2, -1), offs=offsets)
         return torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
 
-    @staticmethod
-    def _gathered_swiglu(xs, expert, gate, up, down):
-        xs = xs.unsqueeze(1)  # [A, 1, H]
-        h = F.silu(torch.bmm(xs, gate.index_select(0, expert).transpose(1, 2)))
-        h = h * torch.bmm(xs, up.index_select(0, expert).transpose(1, 2))
-        return torch.bmm(h, down.index_select(0, expert).transpose(1, 2)).squeeze(1)  # [A, H]
+    def _per_expert_swiglu(self, x, topk_idx, topk_weight, dtype):
+        """CPU decode: each selected expert's weights are read in place (views of the stacks, or of their decode
+        copies; no gather) by plain matmuls over the tokens routed to it. Reading the k expert ids to the host
+        costs nothing on CPU."""
+        N, k = topk_idx.shape
+        xs = x.to(dtype)
+        expert = self._expert_function(xs, dtype)
+        if N == 1:  # batch-1 decode: one token, k experts, no index bookkeeping
+            ys = torch.cat([expert(xs, e) for e in topk_idx[0].tolist()])
+            return torch.mm(topk_weight.to(dtype), ys).to(x.dtype)
+        routed: dict[int, list[tuple[int, int]]] = {}  # expert -> [(token, slot)]
+        for token, experts in enumerate(topk_idx.tolist()):
+            for slot, e in enumerate(experts):
+                routed.setdefault(e, []).append((token, slot))
+        out = torch.zeros(N, x.shape[-1], dtype=dtype, device=x.device)
+        weight = topk_weight.to(dtype)
+        for e, assignments in routed.items():
+            tokens = torch.tensor([t for t, _ in assignments], device=x.device)
+            slots = torch.tensor([j for _, j in assignments], device=x.device)
+            out.index_add_(0, tokens, expert(xs.index_select(0, tokens), e) * weight[tokens, slots].unsqueeze(1))
+        return out.to(x.dtype)
+
+    def _expert_function(self, xs, dtype):
+        """expert(x [n, H], e) -> [n, H]: on the decode copies when they apply, else on views of the stacks."""
+        if _decode_layout(xs) and self.gate_proj.dtype == dtype:
+            gate_up = _decode_weight(self, "gate_up", self.gate_proj, self.up_proj)  # [E, H, 2I]
+            down = _decode_weight(self, "down", self.down_proj)  # [E, I, H]
+
+            def expert(x, e):
+                gate, up = torch.mm(x, gate_up[e]).chunk(2, dim=-1)
+                return torch.mm(F.silu(gate) * up, down[e])
+            return expert
+
+        def expert(x, e):
+            gate, up, down = self.gate_proj[e], self.up_proj[e], self.down_proj[e]
+            if gate.dtype != dtype:
+                gate, up, down = gate.to(dtype), up.to(dtype), down.to(dtype)
+            return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        return expert
+
+    def _gathered_swiglu(self, x, topk_idx, topk_weight, dtype):
+        """Accelerator decode: gather each assignment's expert weights (no host sync) and run one batched matmul
+        per projection."""
+        N, k = topk_idx.shape
+        expert = topk_idx.reshape(-1)
+        gate, up, down = (w.index_select(0, expert).to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        xs = x.to(dtype).repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, H]
+        h = F.silu(torch.bmm(xs, gate.transpose(1, 2))) * torch.bmm(xs, up.transpose(1, 2))
+        y = torch.bmm(h, down.transpose(1, 2)).view(N, k, -1)
+        return torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y).squeeze(1).to(x.dtype)
 
     def _padded_bmm_swiglu(self, xs, counts, sorted_expert, gate, up, down):
         capacity = int(counts.max()) if xs.shape[0] else 0
@@ -560,13 +729,15 @@ class K2ForCausalLM(nn.Module):
                 cache_rows: torch.Tensor | None = None) -> CausalLMOutput:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor [B, T]; got {tuple(input_ids.shape)} {input_ids.dtype}")
-        positions = None
-        if cache is not None:
-            positions, cache_rows = self._cache_positions(input_ids, cache, cache_rows)
-        hidden = self.model(input_ids, cache, cache_rows, positions)
-        logits = self.lm_head(hidden)
-        if cache is not None:
-            rows = cache_rows if cache_rows is not None else slice(None)
+        if cache is None:
+            logits = self.lm_head(self.model(input_ids))
+        else:
+            cache.step = self._plan_cache_step(input_ids, cache, cache_rows)
+            try:
+                hidden = self.model(input_ids, cache, cache.step.rows, cache.step.positions)
+            finally:
+                rows, cache.step = cache.step.rows, None
+            logits = _linear(hidden, self.lm_head)
             cache.lengths[rows] += input_ids.shape[1]
 
         aux_loss = None
@@ -582,34 +753,52 @@ class K2ForCausalLM(nn.Module):
                 loss = loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 
-    def _cache_positions(self, input_ids, cache: MLACache, cache_rows):
+    def _plan_cache_step(self, input_ids, cache: MLACache, cache_rows) -> CacheStep:
+        """Validate cache_rows against the cache and plan the write/read (one host read of the row lengths)."""
         B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)}: a cached forward needs at least one row and token")
         if cache_rows is None:
             if B != cache.batch_size:
                 raise ValueError(f"input_ids has {B} rows but the cache has {cache.batch_size}; pass cache_rows")
-            start = cache.lengths
+            rows: slice | torch.Tensor = slice(0, B)
+            starts = cache.lengths.tolist()
         else:
             cache_rows = torch.as_tensor(cache_rows, dtype=torch.long, device=cache.lengths.device).reshape(-1)
-            if cache_rows.numel() != B:
-                raise ValueError(f"cache_rows has {cache_rows.numel()} entries for {B} input rows")
-            if cache_rows.numel() and (cache_rows.min() < 0 or cache_rows.max() >= cache.batch_size):
-                raise ValueError(f"cache_rows {cache_rows.tolist()} out of range for a cache of {cache.batch_size} rows")
-            if cache_rows.unique().numel() != cache_rows.numel():
-                raise ValueError(f"cache_rows {cache_rows.tolist()} lists a row twice")
-            start = cache.lengths[cache_rows]
-            first = int(cache_rows[0]) if B else 0
-            if torch.equal(cache_rows, torch.arange(first, first + B, device=cache_rows.device)):
-                cache_rows = slice(first, first + B)  # contiguous rows: the cache is read as a view
-        if B and int(start.max()) + T > cache.max_len:
-            raise ValueError(f"cache overflow: a row would hold {int(start.max()) + T} tokens > max_len {cache.max_len}")
-        positions = start.unsqueeze(1) + torch.arange(T, device=start.device)
-        return positions.to(input_ids.device), cache_rows
+            row_ids = cache_rows.tolist()
+            if len(row_ids) != B:
+                raise ValueError(f"cache_rows has {len(row_ids)} entries for {B} input rows")
+            if any(not 0 <= row < cache.batch_size for row in row_ids):
+                raise ValueError(f"cache_rows {row_ids} out of range for a cache of {cache.batch_size} rows")
+            if len(set(row_ids)) != len(row_ids):
+                raise ValueError(f"cache_rows {row_ids} lists a row twice")
+            lengths = cache.lengths.tolist()
+            starts = [lengths[row] for row in row_ids]
+            first = row_ids[0]
+            # contiguous ascending rows: the cache is read as a view
+            rows = slice(first, first + B) if row_ids == list(range(first, first + B)) else cache_rows
+        if max(starts) + T > cache.max_len:
+            raise ValueError(f"cache overflow: a row would hold {max(starts) + T} tokens > max_len {cache.max_len}")
+        return CacheStep.plan(rows, starts, T, input_ids.device)
 
     # -- decode cache ------------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> MLACache:
         """An empty compressed cache for `batch_size` rows of up to `max_len` tokens (dtype: the model's)."""
         weight = self.lm_head.weight
         return MLACache(self.config, batch_size, max_len, dtype or weight.dtype, weight.device)
+
+    def release_decode_weights(self) -> None:
+        """Free the [in, out] weight copies CPU decode steps cache (see "Decode weight layout"); they are rebuilt
+        on the next decode step. Needed only after writes through `param.data`, or to get the memory back."""
+        for module in self.modules():
+            for slot in [k for k in module.__dict__ if k.startswith(_DECODE_SLOT)]:
+                del module.__dict__[slot]
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .float() / .cuda() give the parameters new storage, which may reuse the old address: drop the
+        # decode copies rather than trust their (address, version) keys.
+        self.release_decode_weights()
+        return super()._apply(fn, recurse)
 
     # -- QK-Clip signal ----------------------------------------------------------------------------------------
     def attention_modules(self) -> list[MLA]:

@@ -192,6 +192,86 @@ def test_cache_rows_at_different_lengths():
         torch.testing.assert_close(contiguous, swapped.flip(0), atol=1e-5, rtol=0)
 
 
+def greedy_decode(model: K2ForCausalLM, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [1, steps], the logits each was picked from [steps, V]) from the cached decode path, run as the
+    engine runs it (inference mode)."""
+    with torch.inference_mode():
+        cache = model.init_cache(1, prompt.shape[1] + steps)
+        logits = model(prompt, cache=cache).logits[:, -1]
+        tokens, step_logits = [], []
+        for _ in range(steps):
+            tokens.append(logits.argmax(-1, keepdim=True))
+            step_logits.append(logits)
+            logits = model(tokens[-1], cache=cache).logits[:, -1]
+    return torch.cat(tokens, 1), torch.cat(step_logits)
+
+
+def assert_decode_matches_full_forward(model: K2ForCausalLM, prompt: torch.Tensor, steps: int = 6) -> None:
+    tokens, step_logits = greedy_decode(model, prompt, steps)
+    with torch.no_grad():
+        full = model(torch.cat([prompt, tokens], 1)).logits[0, prompt.shape[1] - 1 : -1]
+    torch.testing.assert_close(step_logits, full, atol=1e-4, rtol=0)
+
+
+def test_decode_weight_layout_copies_never_go_stale():
+    model = K2ForCausalLM(tiny()).eval()
+    randomize_norms_and_bias(model, scale=0.05)
+    prompt = torch.randint(0, 512, (1, 5))
+    assert_decode_matches_full_forward(model, prompt)
+    # the decode steps really read cached [in, out] copies (else nothing below could fail)
+    experts = next(m for m in model.modules() if isinstance(m, RoutedExperts))
+    lm_head_copy = model.lm_head.__dict__["_decode_t_weight"][1]
+    assert lm_head_copy.shape == (64, 512) and lm_head_copy.is_contiguous() and not lm_head_copy.is_inference()
+    assert experts.__dict__["_decode_t_gate_up"][1].shape == (8, 64, 2 * 32)  # [E, H, gate I + up I]
+    assert model.model.layers[1].self_attn.__dict__["_decode_t_q_a_kv_a"][1].shape == (64, 32 + 32 + 8)
+
+    # 1. training after decode: the training forward reads the parameters, and an optimizer step (in-place
+    #    foreach AdamW) is seen by the next decode
+    twin = K2ForCausalLM(tiny())
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 512, (2, 8))
+    model.train()
+    loss = model(ids, labels=ids).loss
+    torch.testing.assert_close(loss, twin.train()(ids, labels=ids).loss, atol=0, rtol=0)
+    loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True).step()
+    assert_decode_matches_full_forward(model.eval(), prompt)
+    # 2. an in-place update of a few rows of single weights (QK-Clip style)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.kv_b_proj.weight[:8].mul_(0.5)
+        model.lm_head.weight[:100].mul_(-1.0)
+        experts.down_proj[3].mul_(2.0)
+    assert_decode_matches_full_forward(model, prompt)
+    # 3. load_state_dict (copy_ into the parameters) and a dtype round trip (new storage)
+    model.load_state_dict(K2ForCausalLM(tiny()).state_dict())
+    assert_decode_matches_full_forward(model, prompt)
+    model.to(torch.bfloat16).float()
+    assert_decode_matches_full_forward(model, prompt)
+    model.release_decode_weights()
+    assert not [k for m in model.modules() for k in m.__dict__ if k.startswith("_decode_t_")]
+    assert_decode_matches_full_forward(model, prompt)
+
+
+def test_cached_layers_called_directly_plan_their_own_step():
+    """K2Model called with a cache but without K2ForCausalLM's plan (positions only) gives the same hidden states."""
+    model = K2ForCausalLM(tiny()).eval()
+    a, b = torch.randint(0, 512, (1, 6)), torch.randint(0, 512, (1, 3))
+    with torch.no_grad():
+        planned = model.init_cache(2, 16)
+        model(a, cache=planned, cache_rows=torch.tensor([0]))
+        model(b, cache=planned, cache_rows=torch.tensor([1]))
+        direct = model.init_cache(2, 16)
+        for row, ids in ((0, a), (1, b)):
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)
+            model.model(ids, direct, torch.tensor([row]), positions)
+        direct.lengths.copy_(planned.lengths)
+        nxt = torch.randint(0, 512, (2, 1))
+        hidden_direct = model.model(nxt, direct, None, planned.lengths.unsqueeze(1).clone())
+        logits = model(nxt, cache=planned).logits
+        torch.testing.assert_close(model.lm_head(hidden_direct), logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(direct.latents[2][:, :7], planned.latents[2][:, :7], atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # router and experts
 def test_router_bias_changes_selection_not_weights():
@@ -292,6 +372,30 @@ def test_grouped_dispatch_equals_naive_per_expert_loop(dispatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_bf16 = experts(x.detach(), topk_idx, topk_weight)
     torch.testing.assert_close(out_bf16, ref.detach(), atol=0.05, rtol=0.05)
+
+
+def test_decode_sized_expert_paths_equal_naive_loop():
+    """N * k <= E: per-expert linears on CPU (with and without autograd, the latter on the decode layout copies)
+    and the gathered-weights form used on accelerators all equal the naive loop."""
+    experts = RoutedExperts(6, 24, 40)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 24, requires_grad=True)
+    topk_idx = torch.tensor([[0, 3, 5], [3, 1, 0]])  # experts 0 and 3 serve both tokens
+    topk_weight = torch.rand(2, 3)
+    for rows in (1, 2):
+        args = x[:rows], topk_idx[:rows], topk_weight[:rows]
+        ref = naive_experts(experts, *args)
+        torch.testing.assert_close(experts(*args), ref, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(experts(*args), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(experts._gathered_swiglu(*args, torch.float32), ref, atol=1e-5, rtol=1e-5)
+    out = experts(x, topk_idx, topk_weight)
+    ref = naive_experts(experts, x, topk_idx, topk_weight)
+    grads = torch.autograd.grad(out.square().sum(), [x, experts.up_proj, experts.down_proj])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, experts.up_proj, experts.down_proj])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
 def test_experts_run_in_bf16_under_autocast():
