@@ -172,7 +172,8 @@ def _decode_layout(x: torch.Tensor) -> bool:
 def _decode_weight(holder: nn.Module, name: str, *weights: torch.Tensor) -> torch.Tensor:
     """`weights` ([..., out_i, in] each) concatenated along out and stored as one contiguous [..., in, sum out_i]
     copy, cached on `holder` under `name` and rebuilt whenever a source changed."""
-    key = tuple((w.data_ptr(), w._version) for w in weights)
+    # (weights created under inference mode have no version counter; nothing outside that mode can modify them)
+    key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in weights)
     slot = _DECODE_SLOT + name
     cached = holder.__dict__.get(slot)
     if cached is None or cached[0] != key:
@@ -569,10 +570,8 @@ class RoutedExperts(nn.Module):
         costs nothing on CPU."""
         N, k = topk_idx.shape
         xs = x.to(dtype)
-        expert = self._expert_function(xs, dtype)
-        if N == 1:  # batch-1 decode: one token, k experts, no index bookkeeping
-            ys = torch.cat([expert(xs, e) for e in topk_idx[0].tolist()])
-            return torch.mm(topk_weight.to(dtype), ys).to(x.dtype)
+        if N == 1 and _decode_layout(xs) and self.gate_proj.dtype == dtype:
+            return self._one_token_decode_layout(xs, topk_idx[0].tolist(), topk_weight).to(x.dtype)
         routed: dict[int, list[tuple[int, int]]] = {}  # expert -> [(token, slot)]
         for token, experts in enumerate(topk_idx.tolist()):
             for slot, e in enumerate(experts):
@@ -582,26 +581,25 @@ class RoutedExperts(nn.Module):
         for e, assignments in routed.items():
             tokens = torch.tensor([t for t, _ in assignments], device=x.device)
             slots = torch.tensor([j for _, j in assignments], device=x.device)
-            out.index_add_(0, tokens, expert(xs.index_select(0, tokens), e) * weight[tokens, slots].unsqueeze(1))
-        return out.to(x.dtype)
-
-    def _expert_function(self, xs, dtype):
-        """expert(x [n, H], e) -> [n, H]: on the decode copies when they apply, else on views of the stacks."""
-        if _decode_layout(xs) and self.gate_proj.dtype == dtype:
-            gate_up = _decode_weight(self, "gate_up", self.gate_proj, self.up_proj)  # [E, H, 2I]
-            down = _decode_weight(self, "down", self.down_proj)  # [E, I, H]
-
-            def expert(x, e):
-                gate, up = torch.mm(x, gate_up[e]).chunk(2, dim=-1)
-                return torch.mm(F.silu(gate) * up, down[e])
-            return expert
-
-        def expert(x, e):
             gate, up, down = self.gate_proj[e], self.up_proj[e], self.down_proj[e]
             if gate.dtype != dtype:
                 gate, up, down = gate.to(dtype), up.to(dtype), down.to(dtype)
-            return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-        return expert
+            xe = xs.index_select(0, tokens)
+            y = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)
+            out.index_add_(0, tokens, y * weight[tokens, slots].unsqueeze(1))
+        return out.to(x.dtype)
+
+    def _one_token_decode_layout(self, x, experts: list[int], topk_weight):
+        """Batch-1 decode on the [in, out] copies, in few ops: one gate+up product per expert, one SwiGLU over all
+        k, the routing weights folded in before the down products (linear), which accumulate in place."""
+        gate_up = _decode_weight(self, "gate_up", self.gate_proj, self.up_proj)  # [E, H, 2I]
+        down = _decode_weight(self, "down", self.down_proj)  # [E, I, H]
+        gate, up = torch.cat([torch.mm(x, gate_up[e]) for e in experts]).chunk(2, dim=-1)  # [k, I] each
+        h = F.silu(gate) * up * topk_weight.to(x.dtype).view(-1, 1)
+        out = torch.mm(h[:1], down[experts[0]])
+        for j in range(1, len(experts)):
+            out = torch.addmm(out, h[j : j + 1], down[experts[j]])
+        return out
 
     def _gathered_swiglu(self, x, topk_idx, topk_weight, dtype):
         """Accelerator decode: gather each assignment's expert weights (no host sync) and run one batched matmul
