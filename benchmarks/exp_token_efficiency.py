@@ -354,6 +354,9 @@ def trajectory_reading(adamw: dict, muon: dict, steps: int) -> dict:
             "stable_end_step": stable_end, "stable_phase": by_budget}
 
 
+PHASES = ("budget", "lr_check", "seeds")  # after the lr sweep, in this order
+
+
 def fmt(x: float | None, spec: str = ",.0f", none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
@@ -371,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="MuonClip's shorter budgets as "
                    "fractions of the full one (default 0.4 0.55 0.7 0.85)")
     p.add_argument("--no-lr-check", action="store_true", help="skip the 1/2x and 2x lr runs at one budget")
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="phases after the lr sweep "
+                   "(which always runs or is reused); a second process with e.g. `--phases seeds` can run the "
+                   "seed repeats while the first works through the budgets, and the first then reuses them")
     p.add_argument("--extra-seeds", type=int, nargs="*", default=None, help="seeds repeated for the best run of "
                    "each optimizer (default: 1; none: no repeats)")
     args = p.parse_args(argv)
@@ -453,9 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     def steps_for(frac: float) -> int:
         return max(s.warmup_steps + 1, int(round(frac * s.steps)))
 
-    for frac in s.budget_fractions:
+    for frac in s.budget_fractions if "budget" in args.phases else []:
         run("muonclip", muon["lr"], steps=steps_for(frac), role="budget")
-    for _ in range(s.max_extensions):  # bracket the target: a smaller budget, or a larger one
+    for _ in range(s.max_extensions if "budget" in args.phases else 0):  # bracket the target: a smaller budget, or a larger one
         _, how = budget_crossing([(r["tokens"], r["final_val_loss"]) for r in budget_runs()], target)
         if how == "interpolated":
             break
@@ -551,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         report("budget sweep")
 
     # Phase 3: at the budget nearest the crossing, 1/2x and 2x MuonClip's lr: does tuning lr per budget change it?
-    if s.lr_check:
+    if s.lr_check and "lr_check" in args.phases:
         shorter = [r for r in budget_runs() if r["steps"] != s.steps] or budget_runs()
         anchor = budget["tokens_to_reach"] or (shorter[0]["tokens"] if budget["how"] == "below_smallest"
                                                else shorter[-1]["tokens"])
@@ -573,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             report("lr check")
 
     # Phase 4: the best run of each optimizer again with other seeds (initialization and data order): noise level
-    for seed in s.extra_seeds:
+    for seed in s.extra_seeds if "seeds" in args.phases else []:
         for opt in ("adamw", "muonclip"):
             r = run(opt, runs[best[opt]]["lr"], steps=s.steps, role="seed", seed=seed)
             seeds[f"{opt} lr={r['lr']:g} seed {seed}"] = {"seed0": runs[best[opt]]["final_val_loss"],
