@@ -29,8 +29,10 @@ directory per run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -91,27 +93,70 @@ def train_run(run_dir: Path, model_config: K2Config, corpus: SharedCorpus, **tra
     """One run of the real loop (Trainer.fit) on the shared corpus; returns its metrics.jsonl rows.
 
     A finished run (summary.json present with the same train_config.json) is not repeated, so an interrupted
-    experiment resumes where it stopped."""
+    experiment resumes where it stopped. A run another live process is training (RUN_DIR/running.pid) is waited
+    for and then reused, so two processes can share one experiment directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_config_path = run_dir / "model_config.json"
-    model_config.save_json(model_config_path)
-    cfg = TrainConfig(model_config=str(model_config_path), tokenizer=str(corpus.tokenizer_dir), out=str(run_dir),
-                      progress=False, plots=False, keep_last=1, **train_fields).validated()
-    cfg_json = json.dumps(cfg.to_dict(), indent=2)
-    summary, saved_cfg = run_dir / "summary.json", run_dir / "train_config.json"
-    if summary.exists() and saved_cfg.exists() and saved_cfg.read_text() == cfg_json:
+    with _run_lock(run_dir):
+        model_config_path = run_dir / "model_config.json"
+        model_config.save_json(model_config_path)
+        cfg = TrainConfig(model_config=str(model_config_path), tokenizer=str(corpus.tokenizer_dir),
+                          out=str(run_dir), progress=False, plots=False, keep_last=1, **train_fields).validated()
+        cfg_json = json.dumps(cfg.to_dict(), indent=2)
+        summary, saved_cfg = run_dir / "summary.json", run_dir / "train_config.json"
+        if summary.exists() and saved_cfg.exists() and saved_cfg.read_text() == cfg_json:
+            return read_metrics(run_dir)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        summary.unlink(missing_ok=True)
+        # the same seeding as run_pretrain, so a run here equals `openk2 pretrain --config train_config.json`
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = build_model(cfg, torch.device(cfg.device if cfg.device != "auto" else "cpu"))
+        trainer = Trainer(cfg, model, PretrainBatches(corpus.data_dir, cfg), tokenizer=K2Tokenizer.load(
+            corpus.tokenizer_dir))
+        trainer.fit()
         return read_metrics(run_dir)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    summary.unlink(missing_ok=True)
-    # the same seeding as run_pretrain, so a run here equals `openk2 pretrain --config train_config.json`
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model = build_model(cfg, torch.device(cfg.device if cfg.device != "auto" else "cpu"))
-    trainer = Trainer(cfg, model, PretrainBatches(corpus.data_dir, cfg), tokenizer=K2Tokenizer.load(
-        corpus.tokenizer_dir))
-    trainer.fit()
-    return read_metrics(run_dir)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, poll_seconds: float = 10.0):
+    """RUN_DIR/running.pid, created atomically; while another live process holds it, wait. A lock left by a process
+    that no longer exists (killed) is taken over."""
+    lock = run_dir / "running.pid"
+    announced = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text() or "0")
+            except (OSError, ValueError):  # just created, pid not written yet
+                holder = -1
+            if holder == 0 or (holder > 0 and not _process_alive(holder)):
+                lock.unlink(missing_ok=True)  # stale
+                continue
+            if not announced:
+                print(f"  {run_dir.name}: being trained by process {holder}; waiting for it", flush=True)
+                announced = True
+            time.sleep(poll_seconds)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def series(rows: list[dict], key: str, x: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
@@ -146,8 +191,6 @@ def run_seconds(rows: list[dict]) -> float:
 
 
 def machine_note() -> str:
-    import os
-
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
             f"thread(s), load average {load:.1f} at start")
@@ -374,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="MuonClip's shorter budgets as "
                    "fractions of the full one (default 0.4 0.55 0.7 0.85)")
     p.add_argument("--no-lr-check", action="store_true", help="skip the 1/2x and 2x lr runs at one budget")
+    p.add_argument("--sweep-only", choices=("muonclip", "adamw"), default=None, help="run only this optimizer's lr "
+                   "sweep and exit (a second process can sweep AdamW while the first sweeps MuonClip)")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="phases after the lr sweep "
                    "(which always runs or is reused); a second process with e.g. `--phases seeds` can run the "
                    "seed repeats while the first works through the budgets, and the first then reuses them")
@@ -435,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Phase 1: lr sweep of both optimizers at the full budget
     for opt, lrs in s.lrs.items():
+        if args.sweep_only and opt != args.sweep_only:
+            continue
         for lr in lrs:
             run(opt, lr, steps=s.steps, role="lr_sweep")
         # a best lr at the edge of the grid may not be the optimum: extend the sweep outward (x2 or /2)
@@ -444,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             lrs_run = [runs[n]["lr"] for n in sweep_runs(opt)]
             best_lr = runs[best_of(opt)]["lr"]
             run(opt, best_lr * 2 if best_lr == max(lrs_run) else best_lr / 2, steps=s.steps, role="lr_sweep")
+    if args.sweep_only:
+        return 0
     best = {opt: best_of(opt) for opt in s.lrs}
     adamw, muon = runs[best["adamw"]], runs[best["muonclip"]]
     target = adamw["final_val_loss"]
