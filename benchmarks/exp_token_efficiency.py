@@ -419,12 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-lr-check", action="store_true", help="skip the 1/2x and 2x lr runs at one budget")
     p.add_argument("--sweep-only", choices=("muonclip", "adamw"), default=None, help="run only this optimizer's lr "
                    "sweep and exit (a second process can sweep AdamW while the first sweeps MuonClip)")
+    p.add_argument("--budget-worker", action="store_true", help="run (or reuse, or wait for) MuonClip's lr sweep, "
+                   "then only its budget runs for --fractions, and exit: a helper process for a long experiment")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="phases after the lr sweep "
                    "(which always runs or is reused); a second process with e.g. `--phases seeds` can run the "
                    "seed repeats while the first works through the budgets, and the first then reuses them")
     p.add_argument("--extra-seeds", type=int, nargs="*", default=None, help="seeds repeated for the best run of "
                    "each optimizer (default: 1; none: no repeats)")
     args = p.parse_args(argv)
+    if args.budget_worker:
+        args.sweep_only = "muonclip"
     torch.set_num_threads(args.threads)
     s = settings(args.quick)
     if args.steps:
@@ -478,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         lrs = [runs[n]["lr"] for n in sweep_runs(opt)]
         return len(lrs) > 1 and runs[best_of(opt)]["lr"] in (min(lrs), max(lrs))
 
+    def steps_for(frac: float) -> int:
+        return max(s.warmup_steps + 1, int(round(frac * s.steps)))
+
     # Phase 1: lr sweep of both optimizers at the full budget
     for opt, lrs in s.lrs.items():
         if args.sweep_only and opt != args.sweep_only:
@@ -491,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
             lrs_run = [runs[n]["lr"] for n in sweep_runs(opt)]
             best_lr = runs[best_of(opt)]["lr"]
             run(opt, best_lr * 2 if best_lr == max(lrs_run) else best_lr / 2, steps=s.steps, role="lr_sweep")
+    if args.budget_worker:
+        for frac in s.budget_fractions:
+            run("muonclip", runs[best_of("muonclip")]["lr"], steps=steps_for(frac), role="budget")
     if args.sweep_only:
         return 0
     best = {opt: best_of(opt) for opt in s.lrs}
@@ -505,12 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         return [r for r in runs.values() if r["optimizer"] == "muonclip" and r["lr"] == muon["lr"] and r["seed"] == 0
                 and r["role"] in ("budget", "lr_sweep")]
 
-    def steps_for(frac: float) -> int:
-        return max(s.warmup_steps + 1, int(round(frac * s.steps)))
-
     for frac in s.budget_fractions if "budget" in args.phases else []:
         run("muonclip", muon["lr"], steps=steps_for(frac), role="budget")
-    for _ in range(s.max_extensions if "budget" in args.phases else 0):  # bracket the target: a smaller budget, or a larger one
+    # bracket the target: a smaller budget, or a larger one
+    for _ in range(s.max_extensions if "budget" in args.phases else 0):
         _, how = budget_crossing([(r["tokens"], r["final_val_loss"]) for r in budget_runs()], target)
         if how == "interpolated":
             break
