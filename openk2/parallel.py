@@ -240,7 +240,7 @@ def _install_exception_hook(rank: int) -> None:
         except Exception as abort_error:  # the job is ending anyway; say why the abort failed
             sys.stderr.write(f"[rank {rank}] process-group abort failed: {abort_error!r}\n")
         finally:
-            sys.stdout.flush()  # os._exit skips the interpreter's flush: keep what this rank printed
+            sys.stdout.flush()  # os._exit skips the flush at exit (torchrun workers are unbuffered; not every launcher)
             sys.stderr.flush()
             os._exit(1)
 
@@ -584,6 +584,23 @@ def _state_dicts(model: nn.Module, optimizer):
     return model_sd, optim_sd
 
 
+def _create_optimizer_state(model: nn.Module, optimizer, optimizers: list[torch.optim.Optimizer]) -> None:
+    """DCP saves / loads the optimizer state through existing tensors; `get_state_dict` creates them for an optimizer
+    that has not stepped yet (a zero-lr step on zero gradients), but skips that when any parameter holds a gradient,
+    which would leave the state empty and a load silently without its moments. So gradients are set aside for it."""
+    if not optimizers or all(o.state for o in optimizers):
+        return
+    params = [p for o in optimizers for group in o.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        _state_dicts(model, optimizer)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -617,7 +634,7 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
         tmp.mkdir(parents=True)
     _barrier()
     optimizers = _torch_optimizers(optimizer)
-    _state_dicts(model, optimizer)  # first call creates the optimizer state if no step was taken yet
+    _create_optimizer_state(model, optimizer, optimizers)
     plain = _plain_state_keys(optimizers)
     _optimizer_state_as_dtensors(optimizers)
     try:
@@ -660,7 +677,7 @@ def load_distributed(path, model: nn.Module, optimizer) -> dict:
     optimizers = _torch_optimizers(optimizer)
     if optimizers and not meta.get("has_optimizer", True):
         raise ValueError(f"load_distributed: {path} was saved without optimizer state")
-    _state_dicts(model, optimizer)  # first call creates the optimizer state (DCP loads into existing tensors)
+    _create_optimizer_state(model, optimizer, optimizers)
     plain = _plain_state_keys(optimizers)
     _optimizer_state_as_dtensors(optimizers)
     try:

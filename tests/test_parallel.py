@@ -326,3 +326,48 @@ def test_load_rejects_an_incomplete_checkpoint(tmp_path):
     (tmp_path / "half" / "dcp").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="openk2_dist.json missing"):
         parallel.load_distributed(tmp_path / "half", torch.nn.Linear(2, 2), None)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model math in this process: one thread (two spin-wait on each other on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_load_restores_optimizer_state_with_gradients_present(tmp_path, one_thread):
+    """DCP loads optimizer state into existing tensors, which torch creates only when no parameter has a gradient;
+    a load after a backward (e.g. a warm-up step) must still restore every moment, and keep the gradients."""
+    import warnings
+
+    from openk2.config import K2Config
+    from openk2.model import K2ForCausalLM
+    from openk2.optim import MuonClip
+
+    cfg = K2Config.preset("tiny")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = K2ForCausalLM(cfg)
+        return model, MuonClip(model, lr=1e-3)
+
+    saved_model, saved_opt = build(0)
+    saved_model(ids, labels=ids).loss.backward()
+    saved_opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: "assuming the intent is to save in a single process"
+        parallel.save_distributed(tmp_path / "ckpt", saved_model, saved_opt, {"step": 1})
+        model, opt = build(1)
+        model(ids, labels=ids).loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        parallel.load_distributed(tmp_path / "ckpt", model, opt)
+    saved_params, params = dict(saved_model.named_parameters()), dict(model.named_parameters())
+    assert len(opt.state) == len(saved_opt.state) > 0
+    for name, p in params.items():
+        torch.testing.assert_close(p, saved_params[name], rtol=0, atol=0, msg=name)
+        for key, value in saved_opt.state[saved_params[name]].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=0, atol=0, msg=f"{name} {key}")
+        assert torch.equal(p.grad, grads[name]), f"{name}: gradient not kept"
