@@ -55,7 +55,7 @@ def _env() -> dict:
     return env
 
 
-def _launch(args: list[str], nproc: int, timeout: float = 120) -> subprocess.CompletedProcess:
+def _launch(args: list[str], nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT), *args]
     else:
