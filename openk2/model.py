@@ -444,9 +444,10 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights, run by a sorted grouped dispatch (no Python loop over experts).
 
     forward(x [N, H], topk_idx [N, k], topk_weight [N, k]) -> [N, H] = sum_j w_j * Expert_{idx_j}(x).
-    Assignments are sorted by expert so each expert's tokens are one contiguous slice, then
-    `torch._grouped_mm` (fp32) or a padded batched matmul (bf16, or where _grouped_mm is missing) runs all
-    experts at once; decode-sized batches (N * k <= E) gather the selected experts' weights instead.
+    The N*k assignments are laid out in a buffer where each expert owns one contiguous group of rows (one gather
+    of x), `torch._grouped_mm` runs all groups at once (or, where it is missing or under torch.compile on CPU, a
+    batched matmul over groups padded to a common capacity), and the weighted results are index-added back to
+    their tokens. Decode-sized batches (N * k <= E) take the selected experts' weights directly instead.
     Under autocast the experts compute in the autocast dtype (bf16), like every other matmul.
     Expert parallelism replaces this module wholesale (same forward signature)."""
 
@@ -456,9 +457,9 @@ class RoutedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        # "auto": torch._grouped_mm in fp32; under bf16 (and where _grouped_mm is missing) the padded batched
-        # matmul, whose capacity is rounded up to `capacity_multiple` rows: on CPU, low-precision matmuls build a
-        # kernel per new shape, and _grouped_mm sees new per-expert shapes at every step.
+        # dispatch: "auto" | "grouped_mm" | "padded_bmm". Group sizes are rounded up to `capacity_multiple` rows
+        # where a new matmul shape is expensive: CPU low-precision matmuls build (and cache) a kernel per shape, so
+        # unrounded per-expert counts would build new kernels at every step.
         self.dispatch = "auto"
         self.capacity_multiple = 64
 
@@ -474,28 +475,32 @@ class RoutedExperts(nn.Module):
             return torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y.view(N, k, -1)).squeeze(1).to(x.dtype)
         dispatch = self.dispatch
         if dispatch == "auto":
-            # _grouped_mm: the CUDA kernel is bf16 (and what torch.compile's shape rules accept); the eager CPU kernel
-            # is fast in fp32 only (bf16 on CPU builds a kernel per new group shape), so CPU bf16 and compiled CPU
-            # fp32 take the padded bmm.
-            on_cuda = x.device.type == "cuda"
-            grouped_ok = hasattr(torch, "_grouped_mm") and (
-                (on_cuda and dtype == torch.bfloat16)
-                or (not on_cuda and dtype == torch.float32 and not torch.compiler.is_compiling()))
-            dispatch = "grouped_mm" if grouped_ok else "padded_bmm"
-        if dispatch == "grouped_mm":
-            order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
-            counts = torch.bincount(flat_expert, minlength=self.num_experts)
-            x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
-            y_sorted = self._grouped_mm_swiglu(x_sorted, counts, *weights)
-            y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, slot) order
+            # torch.compile's shape rules for _grouped_mm accept bf16 only (the CUDA kernel's dtype); eager CPU runs it
+            # in any dtype. Compiled CPU graphs take the padded bmm.
+            compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
+            dispatch = "grouped_mm" if hasattr(torch, "_grouped_mm") and not compiled_cpu else "padded_bmm"
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        if dispatch == "padded_bmm":
+            capacity = -(-int(counts.max()) // self.capacity_multiple) * self.capacity_multiple
+            group_sizes = torch.full_like(counts, capacity)
+        elif x.device.type == "cpu" and dtype != torch.float32:
+            group_sizes = (counts + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
         else:
-            y = self._padded_bmm_swiglu(x.to(dtype), flat_expert, k, *weights)
-        # weighted sum over the k slots as one batched matmul (fp32 accumulation inside the kernel)
-        y = torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y.view(N, k, -1)).squeeze(1)
-        return y.to(x.dtype)
+            group_sizes = counts
+        rows, source = _expert_buffer_layout(flat_expert, counts, group_sizes, k, group_sizes is counts)
+        buffer = torch.cat((x.to(dtype), x.new_zeros(1, x.shape[-1], dtype=dtype))).index_select(0, source)
+        if dispatch == "padded_bmm":
+            y = self._padded_bmm_swiglu(buffer.view(self.num_experts, -1, x.shape[-1]), *weights)
+        else:
+            y = self._grouped_mm_swiglu(buffer, group_sizes, *weights)
+        # weight each row by its assignment's routing weight (padding rows: 0) and add it to its token
+        row_weight = topk_weight.new_zeros(buffer.shape[0]).scatter(0, rows, topk_weight.reshape(-1)).to(dtype)
+        out = buffer.new_zeros(N + 1, x.shape[-1]).index_add(0, source, y * row_weight.unsqueeze(1))
+        return out[:N].to(x.dtype)
 
-    def _grouped_mm_swiglu(self, xs, counts, gate, up, down):
-        offsets = counts.cumsum(0).to(torch.int32)
+    @staticmethod
+    def _grouped_mm_swiglu(xs, group_sizes, gate, up, down):
+        offsets = group_sizes.cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offsets))
         h = h * torch._grouped_mm(xs, up.transpose(-2, -1), offs=offsets)
         return torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
@@ -507,24 +512,29 @@ class RoutedExperts(nn.Module):
         h = h * torch.bmm(xs, up.index_select(0, expert).transpose(1, 2))
         return torch.bmm(h, down.index_select(0, expert).transpose(1, 2)).squeeze(1)  # [A, H]
 
-    def _padded_bmm_swiglu(self, x, flat_expert, k, gate, up, down):
-        """All experts as one bmm per projection over a zero-padded [E, capacity, H] buffer. Assignment a (token
-        a // k) goes to row expert * capacity + (its rank among that expert's assignments); the buffer is one
-        gather of x (padding rows read an appended zero row), the result one gather back in (token, slot) order,
-        so both backward passes are single index_adds."""
-        E, H, assignments = self.num_experts, x.shape[-1], flat_expert.numel()
-        counts = torch.bincount(flat_expert, minlength=E)
-        capacity = -(-int(counts.max()) // self.capacity_multiple) * self.capacity_multiple
-        order = torch.argsort(flat_expert, stable=True)
-        starts = counts.cumsum(0) - counts
-        sorted_expert = flat_expert[order]
-        rank = torch.arange(assignments, device=x.device) - starts[sorted_expert]
-        rows = torch.empty_like(order).scatter_(0, order, sorted_expert * capacity + rank)  # per assignment
-        source = torch.full((E * capacity,), x.shape[0], dtype=torch.long, device=x.device)
-        source.scatter_(0, rows, torch.arange(assignments, device=x.device) // k)
-        padded = torch.cat((x, x.new_zeros(1, H))).index_select(0, source).view(E, capacity, H)
+    @staticmethod
+    def _padded_bmm_swiglu(padded, gate, up, down):
+        """padded [E, capacity, H] -> [E * capacity, H]: one batched matmul per projection."""
         h = F.silu(torch.bmm(padded, gate.transpose(-2, -1))) * torch.bmm(padded, up.transpose(-2, -1))
-        return torch.bmm(h, down.transpose(-2, -1)).view(E * capacity, H).index_select(0, rows)
+        return torch.bmm(h, down.transpose(-2, -1)).flatten(0, 1)
+
+
+def _expert_buffer_layout(flat_expert: torch.Tensor, counts: torch.Tensor, group_sizes: torch.Tensor, k: int,
+                          exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a buffer in which expert e owns group_sizes[e] consecutive rows (>= counts[e]; the rest padding).
+    Returns rows [N*k] (each assignment's buffer row, in (token, slot) order) and source [R] (the token each
+    buffer row reads; padding rows read token N, an appended zero row). `exact`: no padding, so R = N*k is known
+    without reading group_sizes back from the device."""
+    assignments = flat_expert.numel()
+    order = torch.argsort(flat_expert, stable=True)
+    sorted_expert = flat_expert[order]
+    rank = torch.arange(assignments, device=flat_expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
+    group_start = group_sizes.cumsum(0) - group_sizes
+    rows = torch.empty_like(order).scatter_(0, order, group_start[sorted_expert] + rank)
+    total = assignments if exact else int(group_sizes.sum())
+    source = torch.full((total,), assignments // k, dtype=torch.long, device=flat_expert.device)
+    source.scatter_(0, rows, torch.arange(assignments, device=flat_expert.device) // k)
+    return rows, source
 
 
 class MoE(nn.Module):
