@@ -7,8 +7,10 @@ Newton-Schulz head to head, and the optimizer's share of a full training step.
    for the rest), without and with QK-Clip (every head above tau every step, the worst case).
    Issue anchors (2 cores): AdamW ~34 ms, torch Muon ~84 ms.
 2. Newton-Schulz only, same inputs: the 2-D matrices (torch's `_zeropower_via_newtonschulz` one by one vs ours,
-   batched by shape); the expert stacks (a naive batched bf16 NS per stack written the usual way, X@X^T then
-   b*A + c*A@A then a*X + B@X, and torch's 2-D NS looped over experts, vs ours).
+   batched by shape); the expert stacks of the `small` preset whatever --preset says (15 stacks, 240 matrices
+   192x384; a naive batched bf16 NS per stack written the usual way, X@X^T then b*A + c*A@A then a*X + B@X,
+   and torch's 2-D NS looped over experts, vs ours with the standard iteration and ours as the optimizer runs
+   it, Gram NS where `gram_pays`), at least 7 interleaved rounds, with FLOP counts and GFLOP/s.
    Goals: ours not slower than torch's on 2-D; expert stacks >= 1.5x faster than the naive batched NS.
 3. Optimizer share of a full step at 16K, 128K and 1M tokens per step, from the measured forward+backward time
    per token (bf16 autocast) and the measured MuonClip step: share = t_opt / (t_opt + tokens * t_token).
@@ -19,6 +21,7 @@ Timings interleave the contenders round by round and report medians, so a noisy 
     python benchmarks/bench_optim.py            # full (a minute or two; run on a quiet machine)
     python benchmarks/bench_optim.py --quick    # sanity run on the tiny preset (seconds)
     python benchmarks/bench_optim.py --threads 1 --clock cpu   # on a shared, loaded machine
+    python benchmarks/bench_optim.py --ns-only --rounds 15     # the Newton-Schulz comparison alone (focused)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import nn
 from openk2.config import K2Config
 from openk2.model import K2ForCausalLM
 from openk2.optim import MuonClip, zeropower_via_newtonschulz
-from openk2.optim.muon import NS_COEFFICIENTS, orthogonalize_many
+from openk2.optim.muon import NS_COEFFICIENTS, gram_pays, orthogonalize_many
 
 NS_STEPS = 5
 
@@ -52,6 +55,16 @@ def naive_batched_ns(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
         B = b * A + c * A @ A
         X = a * X + B @ X
     return X.mT if tall else X
+
+
+def ns_flops(shape: torch.Size, gram: bool, steps: int = NS_STEPS) -> int:
+    """Matmul FLOPs of one NS of a matrix [..., A, B] (m = short side, n = long side, 5 steps).
+    Standard: per step X X^T (2 m^2 n), A@A (2 m^3), B@X (2 m^2 n). Gram with a restart after 3 steps
+    (openk2.optim.muon._gram_newton_schulz): per phase X X^T + Q X (4 m^2 n), and 9 + 5 = 14 m x m products."""
+    m, n = min(shape[-2:]), max(shape[-2:])
+    if gram:
+        return 2 * (4 * m * m * n) + 14 * 2 * m**3
+    return steps * (4 * m * m * n + 2 * m**3)
 
 
 def torch_ns(G: torch.Tensor) -> torch.Tensor:
@@ -154,28 +167,37 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default=None, help="model preset (default: small; tiny with --quick)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default), or process CPU time for a loaded machine (use with --threads 1)")
+    ap.add_argument("--ns-only", action="store_true", help="only the Newton-Schulz comparison (section 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 10; 2 with --quick)")
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    rounds = 2 if args.quick else 10
+    rounds = args.rounds or (2 if args.quick else 10)
     args.preset = args.preset or ("tiny" if args.quick else "small")
     cfg = K2Config.preset(args.preset)
     print(f"bench_optim: preset={args.preset} threads={args.threads} rounds={rounds} clock={args.clock} "
           f"torch={torch.__version__}")
 
     # 1. optimizer steps
-    contenders = build_optimizers(cfg)
-    steps = race({name: fn for name, (_, fn) in contenders.items()}, rounds)
-    table("1. optimizer step (median)", list(steps.items()), "AdamW (all params)")
+    if not args.ns_only:
+        contenders = build_optimizers(cfg)
+        steps = race({name: fn for name, (_, fn) in contenders.items()}, rounds)
+        table("1. optimizer step (median)", list(steps.items()), "AdamW (all params)")
+        model = contenders["ours MuonClip, no clip (Muon on 2-D + experts)"][0]
+    else:
+        torch.manual_seed(0)
+        model = K2ForCausalLM(cfg)
 
     # 2. Newton-Schulz head to head
-    model = contenders["ours MuonClip, no clip (Muon on 2-D + experts)"][0]
     opt_names = MuonClip(model, qk_clip_tau=None).muon_param_names()
     named = dict(model.named_parameters())
     g = torch.Generator().manual_seed(1)
     mats = [torch.randn(named[n].shape, generator=g) for n in opt_names if named[n].ndim == 2]
-    stacks = [torch.randn(named[n].shape, generator=g) for n in opt_names if named[n].ndim == 3]
+    stack_model = model if args.preset == "small" else K2ForCausalLM(K2Config.preset("small"))
+    stack_named = dict(stack_model.named_parameters())
+    stack_names = MuonClip(stack_model, qk_clip_tau=None).muon_param_names()
+    stacks = [torch.randn(stack_named[n].shape, generator=g) for n in stack_names if stack_named[n].ndim == 3]
     ns2 = race({"torch NS, one matrix at a time": lambda: [torch_ns(x) for x in mats],
                 "ours, one matrix at a time": lambda: [zeropower_via_newtonschulz(x) for x in mats],
                 "ours, batched by shape": lambda: orthogonalize_many(mats)}, rounds)
@@ -184,9 +206,23 @@ def main(argv: list[str] | None = None) -> None:
     n_experts = sum(s.shape[0] for s in stacks)
     ns3 = race({"naive batched bf16 NS per stack": lambda: [naive_batched_ns(s) for s in stacks],
                 "torch NS looped over experts": lambda: [torch_ns(e) for s in stacks for e in s],
-                "ours (fused, batched by shape)": lambda: orthogonalize_many(stacks)}, rounds)
-    table(f"2b. Newton-Schulz on {len(stacks)} expert stacks ({n_experts} matrices)", list(ns3.items()),
-          "naive batched bf16 NS per stack")
+                "ours, standard NS (fused, batched by shape)": lambda: orthogonalize_many(stacks, stack_method="standard"),
+                "ours (Gram NS where it pays)": lambda: orthogonalize_many(stacks)}, max(rounds, 7))
+    shapes = sorted({tuple(s.shape) for s in stacks})
+    table(f"2b. Newton-Schulz on {len(stacks)} expert stacks of `small` ({n_experts} matrices, {shapes}), "
+          f"median of {max(rounds, 7)} rounds", list(ns3.items()), "naive batched bf16 NS per stack")
+    flops_std = sum(s.shape[0] * ns_flops(s.shape, gram=False) for s in stacks)
+    flops_ours = sum(s.shape[0] * ns_flops(s.shape, gram=gram_pays(s.shape)) for s in stacks)
+    print(f"  matmul FLOPs: standard {flops_std / 1e9:.1f} G ({flops_std / ns3['naive batched bf16 NS per stack'] / 1e9:.0f}"
+          f" GFLOP/s naive, {flops_std / ns3['ours, standard NS (fused, batched by shape)'] / 1e9:.0f} GFLOP/s ours standard);"
+          f" ours {flops_ours / 1e9:.1f} G ({flops_ours / ns3['ours (Gram NS where it pays)'] / 1e9:.0f} GFLOP/s),"
+          f" {flops_std / flops_ours:.2f}x fewer")
+
+    naive, ours_3d = ns3["naive batched bf16 NS per stack"], ns3["ours (Gram NS where it pays)"]
+    if args.ns_only:
+        print(f"\ngoal: expert stacks ours vs naive batched: {naive / ours_3d:.2f}x faster (goal >= 1.5)  "
+              f"{'MET' if naive / ours_3d >= 1.5 else 'NOT MET'}")
+        return
 
     # 3. share of a full step
     batch, seq = (2, 64) if args.quick else (4, 512)
@@ -199,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {tokens // 1024:>5}K tokens/step: {share * 100:6.2f} %")
 
     torch_2d, ours_2d = ns2["torch NS, one matrix at a time"], ns2["ours, batched by shape"]
-    naive, ours_3d = ns3["naive batched bf16 NS per stack"], ns3["ours (fused, batched by shape)"]
     share_1m = t_opt / (t_opt + 1024 * 1024 * t_token)
     print("\ngoals:")
     print(f"  2-D NS ours vs torch: {torch_2d / ours_2d:.2f}x faster (goal >= 1.0)  "

@@ -70,6 +70,7 @@ class DistContext:
     flat_mesh: Any = None  # 1-D DeviceMesh over all ranks (the dp×ep mesh flattened), when distributed
     backend: str | None = None
     timeout_s: float = 300.0
+    host_group: Any = None  # gloo group for long host-side waits under NCCL (None: the default group is gloo)
 
     @property
     def is_distributed(self) -> bool:
@@ -96,10 +97,6 @@ class DistContext:
     def data_world(self) -> int:
         return self.world_size
 
-    def dense_mesh(self):
-        """1-D mesh over all ranks (dense params are data parallel over every rank)."""
-        return self.flat_mesh
-
     def _reduce(self, value, op) -> Any:
         is_tensor = isinstance(value, torch.Tensor)
         t = value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
@@ -122,9 +119,19 @@ class DistContext:
         """Max over all ranks; returns a new tensor (or a float for a float), input untouched."""
         return self._reduce(value, "max")
 
-    def barrier(self) -> None:
-        if self.is_distributed:
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """Wait for every rank. `timeout_s` replaces the collective timeout for this wait: for host-side work that
+        may legitimately take longer, e.g. rank 0 preparing the data while the others wait."""
+        if not self.is_distributed:
+            return
+        if timeout_s is None:
             dist.barrier()
+            return
+        # NCCL's barrier is a device all-reduce bound to the process-group timeout; a gloo barrier takes its own.
+        options = dist.BarrierOptions()
+        options.timeout = datetime.timedelta(seconds=float(timeout_s))
+        group = self.host_group if self.host_group is not None else dist.group.WORLD
+        group.barrier(options).wait()
 
     def destroy(self) -> None:
         if dist.is_available() and dist.is_initialized():
@@ -150,6 +157,9 @@ def init_distributed(*, ep: int = 1, backend: str | None = None, timeout_s: floa
     """
     if ep < 1:
         raise ValueError(f"init_distributed: ep must be >= 1, got {ep}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("init_distributed: backend='nccl' needs CUDA, and torch.cuda.is_available() is False; "
+                         "use backend='gloo' (or None) on CPU")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -172,15 +182,18 @@ def init_distributed(*, ep: int = 1, backend: str | None = None, timeout_s: floa
             f"world = dp x ep, so choose ep among the divisors of {world_size}"
         )
     backend = backend or ("nccl" if use_cuda else "gloo")
+    timeout = datetime.timedelta(seconds=float(timeout_s))
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=float(timeout_s)),
+            timeout=timeout,
             device_id=device if use_cuda else None,
         )
+    backend = dist.get_backend()  # the group's real backend, also when the caller initialized it
     _install_exception_hook(rank)
+    host_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
 
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -199,6 +212,7 @@ def init_distributed(*, ep: int = 1, backend: str | None = None, timeout_s: floa
         flat_mesh=flat_mesh,
         backend=backend,
         timeout_s=float(timeout_s),
+        host_group=host_group,
     )
 
 
@@ -226,6 +240,7 @@ def _install_exception_hook(rank: int) -> None:
         except Exception as abort_error:  # the job is ending anyway; say why the abort failed
             sys.stderr.write(f"[rank {rank}] process-group abort failed: {abort_error!r}\n")
         finally:
+            sys.stdout.flush()  # os._exit skips the flush at exit (torchrun workers are unbuffered; not every launcher)
             sys.stderr.flush()
             os._exit(1)
 
@@ -363,7 +378,7 @@ class ExpertParallelExperts(nn.Module):
         expert_out = torch.empty_like(expert_out).index_copy(0, by_expert, expert_out)
 
         combined = all_to_all_autograd(expert_out, send_splits, recv_splits, self.ep_group)
-        # Weighted sum over each token's k experts in fp32, as RoutedExperts does.
+        # Weighted sum over each token's k experts, accumulated in fp32 (RoutedExperts: a bmm, fp32 accumulation).
         weights = topk_weight.reshape(-1)[order].unsqueeze(1).float()
         out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
         out.index_add_(0, token_of_pair, combined.float() * weights)
@@ -407,7 +422,7 @@ def parallelize(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
 
     model.to(ctx.device)
     expert_modules = _apply_expert_parallel(model, ctx) if ctx.ep_size > 1 else []
-    dense_mesh = ctx.dense_mesh()
+    dense_mesh = ctx.flat_mesh  # dense params: data parallel over every rank
     for expert_module in expert_modules:
         fully_shard(expert_module, mesh=ctx.mesh["dp"], reshard_after_forward=reshard_after_forward)
         # Each expert's gradient already sums the contributions of all ranks of its EP group (the all-to-all
@@ -569,6 +584,23 @@ def _state_dicts(model: nn.Module, optimizer):
     return model_sd, optim_sd
 
 
+def _create_optimizer_state(model: nn.Module, optimizer, optimizers: list[torch.optim.Optimizer]) -> None:
+    """DCP saves / loads the optimizer state through existing tensors; `get_state_dict` creates them for an optimizer
+    that has not stepped yet (a zero-lr step on zero gradients), but skips that when any parameter holds a gradient,
+    which would leave the state empty and a load silently without its moments. So gradients are set aside for it."""
+    if not optimizers or all(o.state for o in optimizers):
+        return
+    params = [p for o in optimizers for group in o.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        _state_dicts(model, optimizer)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -581,8 +613,9 @@ def _barrier() -> None:
 
 
 def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None = None) -> Path:
-    """Write a DCP checkpoint at `path`, atomically: every rank writes into `<path>.tmp`, rank 0 renames it after
-    a barrier. A crash mid-save leaves the previous checkpoint at `path` intact.
+    """Write a DCP checkpoint at `path`, atomically: every rank writes into the hidden sibling `.tmp-<name>`, rank 0
+    renames it to `path` after a barrier. A crash mid-save leaves only that temporary directory (which the next
+    save, or a trainer resume, removes); a previous checkpoint at `path` is replaced only once the new one is whole.
 
     Saved: the model and optimizer state (DTensor shards, expert stacks in their global shape, so any world size
     / EP degree can resume), the model config (for `consolidate`), and `extra_state` per rank (`extra_rank{r}.pt`;
@@ -591,7 +624,9 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    # Hidden names, like the single-process trainer's `.tmp-step_N`: a `step_*` listing never mistakes them for
+    # checkpoints.
+    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
     rank, world = _rank_world()
     if rank == 0:
         if tmp.exists():
@@ -599,7 +634,7 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
         tmp.mkdir(parents=True)
     _barrier()
     optimizers = _torch_optimizers(optimizer)
-    _state_dicts(model, optimizer)  # first call creates the optimizer state if no step was taken yet
+    _create_optimizer_state(model, optimizer, optimizers)
     plain = _plain_state_keys(optimizers)
     _optimizer_state_as_dtensors(optimizers)
     try:
@@ -616,7 +651,6 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
         ep = next((m.ep_size for m in model.modules() if isinstance(m, ExpertParallelExperts)), 1)
         meta = {"format": "openk2-dcp-1", "world_size": world, "ep": ep, "has_optimizer": bool(optim_sd)}
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
-        old = path.with_name(path.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
@@ -643,7 +677,7 @@ def load_distributed(path, model: nn.Module, optimizer) -> dict:
     optimizers = _torch_optimizers(optimizer)
     if optimizers and not meta.get("has_optimizer", True):
         raise ValueError(f"load_distributed: {path} was saved without optimizer state")
-    _state_dicts(model, optimizer)  # first call creates the optimizer state (DCP loads into existing tensors)
+    _create_optimizer_state(model, optimizer, optimizers)
     plain = _plain_state_keys(optimizers)
     _optimizer_state_as_dtensors(optimizers)
     try:

@@ -342,8 +342,9 @@ class Trainer:
     def _add_logit_stats(self, record: dict, *, detail: bool) -> None:
         stats = getattr(self.optimizer, "last_stats", None) or {}
         per_layer = stats.get("max_logit_per_layer")
-        if per_layer is None:
-            per_layer = self.model.max_attention_logits().amax(dim=-1).tolist()
+        if per_layer is None:  # no QK-Clip stats: this rank's signal, made global as MuonClip's is
+            per_layer = self.model.max_attention_logits().amax(dim=-1)
+            per_layer = (self.ctx.all_reduce_max(per_layer) if self.distributed else per_layer).tolist()
         per_layer = [float(x) for x in per_layer]
         record["max_logit"] = max(per_layer) if per_layer else float("nan")
         record["clipped_heads"] = int(stats.get("clipped_heads", 0))  # MuonClip.last_stats key
@@ -646,7 +647,7 @@ def prepare_pretraining_data(cfg: TrainConfig, vocab_size: int, ctx=None):
         data_mod.prepare_corpus(sources, tokenizer, data_dir, text_field=cfg.text_field,
                                 val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress)
     if ctx is not None and ctx.world_size > 1:
-        ctx.barrier()
+        ctx.barrier(timeout_s=24 * 3600)  # rank 0 may tokenize for far longer than the collective timeout
     tokenizer = K2Tokenizer.load(tok_dir)
     if tokenizer.vocab_size != vocab_size:
         raise SystemExit(f"openk2: tokenizer {tok_dir} has {tokenizer.vocab_size} tokens but the model's "

@@ -1,4 +1,4 @@
-"""Smoke tests of the MuonClip experiments (benchmarks/exp_token_efficiency.py, exp_qk_clip_stability.py) at toy
+"""Tests of the MuonClip experiments (benchmarks/exp_token_efficiency.py, exp_qk_clip_stability.py) at toy
 size: the real training loop runs, the figures and results.json are written, and the numbers are consistent."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from openk2.train import TrainConfig, wsd_schedule
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,6 +40,20 @@ def test_tokens_to_reach_interpolates_on_the_val_curve(experiments):
     assert te.tokens_to_reach(rows, 2.9) is None  # never reached
 
 
+def test_budget_crossing_interpolates_in_log_tokens(experiments):
+    te, _ = experiments
+    pts = [(400, 4.0), (100, 5.0), (1600, 3.0)]  # unsorted on purpose
+    tokens, how = te.budget_crossing(pts, 4.5)  # halfway between 100 and 400 in log space: 200
+    assert how == "interpolated" and tokens == pytest.approx(200.0)
+    assert te.budget_crossing(pts, 3.0) == (pytest.approx(1600.0), "interpolated")  # exactly at a budget
+    assert te.budget_crossing(pts, 5.5) == (None, "below_smallest")
+    assert te.budget_crossing(pts, 2.9) == (None, "not_reached")
+    # the least-squares cross-check: these points lie on loss = 5 - ln(t / 100) / ln 4, so it agrees exactly
+    assert te.loglinear_crossing(pts, 4.5) == pytest.approx(200.0)
+    assert te.loglinear_crossing([(100, 4.0), (200, 4.1)], 3.0) is None  # a rising line never gets there
+    assert te.loglinear_crossing([(100, 4.0)], 3.0) is None
+
+
 def test_token_efficiency_quick(experiments, tmp_path, capsys):
     te, _ = experiments
     assert te.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -48,13 +64,37 @@ def test_token_efficiency_quick(experiments, tmp_path, capsys):
         assert len(curve) >= 2, name
         assert curve[-1][1] < curve[0][1] + 1.0 and curve[-1][1] < 6.3, name  # trained, not diverged (ln 512 = 6.24)
         assert run["final_val_loss"] == pytest.approx(curve[-1][1])
+        assert curve[-1][0] == run["tokens"] == run["steps"] * 4 * 32  # validated at the end of its own budget
         assert (tmp_path / name / "metrics.jsonl").exists()
     adamw = res["runs"][res["best"]["adamw"]]
     assert res["adamw_final_val_loss"] == adamw["final_val_loss"]
-    if res["muonclip_tokens_to_reach"] is not None:
-        assert res["ratio"] == pytest.approx(res["muonclip_tokens_to_reach"] / adamw["tokens"])
+    # budget sweep: every budget is a complete run of its own (its WSD decay ends at its own last step)
+    budget = res["budget_sweep"]
+    assert [p["steps"] for p in budget["points"]] == [5, 8, 10]
+    for point in budget["points"]:
+        steps = point["steps"]
+        name = f"muonclip_lr{budget['lr']:g}" + (f"_steps{steps}" if steps != 10 else "")
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        schedule = wsd_schedule(TrainConfig(steps=steps, warmup_steps=2))
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))
+        assert [r["lr"] for r in rows] == pytest.approx([budget["lr"] * schedule(i) for i in range(steps)])
+    # ... so the 8-step budget ends in a decay of its own, where the full run was still at its peak lr
+    full_at_8 = dict(res["runs"]["muonclip_lr0.01"]["val_curve"])[8 * 4 * 32]
+    assert res["runs"]["muonclip_lr0.01_steps8"]["final_val_loss"] != full_at_8
+    rows8 = (tmp_path / "muonclip_lr0.01_steps8" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows8[-1])["lr"] < 0.01
+    pts = [(p["tokens"], p["final_val_loss"]) for p in budget["points"]]
+    assert (budget["tokens_to_reach"], budget["how"]) == te.budget_crossing(pts, res["adamw_final_val_loss"])
+    if budget["tokens_to_reach"] is not None:
+        assert res["ratio"] == pytest.approx(budget["tokens_to_reach"] / adamw["tokens"])
+    # lr check at one budget (1/2x, 1x, 2x) and a second seed of each optimizer's best run
+    assert sorted(res["lr_check"]["final_val_by_lr"]) == ["0.005", "0.01", "0.02"]
+    assert {r["role"] for r in res["runs"].values()} == {"lr_sweep", "budget", "lr_check", "seed"}
+    assert len(res["seeds"]) == 2
     _assert_pngs(res["figures"])
-    assert "ratio vs AdamW" in capsys.readouterr().out
+    assert len(res["figures"]) == 3
+    out = capsys.readouterr().out
+    assert "ratio vs AdamW" in out and "budget sweep" in out
 
 
 def test_qk_clip_stability_quick(experiments, tmp_path, capsys):

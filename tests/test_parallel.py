@@ -5,9 +5,12 @@ Launch plan (torchrun start-up is slow, so each launch checks several things; se
   A  1 process      fresh 20 steps, checkpoint after 10                                     (reference curve)
   B  2 proc, DP     fresh 20 steps (checkpoint after 10) + resume from A's checkpoint       (world 1 -> 2)
   C  2 proc, EP=2   fresh 20 steps (checkpoint after 10) + resume from A's checkpoint       (EP=1 -> EP=2)
+  B' 4 proc, dp=2 x ep=2: fresh 3 steps (checkpoint after 2) + 1 step resumed from A's checkpoint (1 -> 4);
+                    at the same time as B and C
   D  1 process      the same global batch as 2 micro-batches (noise reference) + resume from B's and C's checkpoints
                     (world 2 -> 1, EP=2 -> EP=1) + consolidate C's checkpoint into an HF checkpoint
   E  2 proc         rank 1 raises mid-step;   F  2 proc  rank 1 hangs mid-step (collective timeout)
+  H  2 proc         tests/dist/collectives_check.py: EP module against RoutedExperts, long barrier, reductions
   G  the real loop: `torchrun --nproc_per_node 2 -m openk2 pretrain --ep 2` against `openk2 pretrain`, 12 steps
 
 Tolerance (fp32 everywhere, MuonClip with bf16 Newton-Schulz): the first step is the same computation up to
@@ -39,6 +42,7 @@ from openk2 import parallel
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist" / "train_parity.py"
 STEPS, SAVE_AT = 20, 10
+FOUR_PROC_STEPS = 3  # the 4-process (dp=2 x ep=2) run is short: 4 processes share 2 cores
 CURVE_RTOL = 2e-3
 FIRST_STEP_RTOL = 1e-5
 
@@ -65,13 +69,14 @@ def _run_ok(args: list[str], nproc: int) -> None:
     assert proc.returncode == 0, f"{' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
 
 
-def _run_ok_concurrently(*jobs: list[str], nproc: int = 2) -> None:
-    """Independent torchrun jobs at once: their start-up (imports, rendezvous) dominates and overlaps well."""
+def _run_ok_concurrently(*jobs: tuple[list[str], int]) -> None:
+    """Independent (args, nproc) torchrun jobs at once: their start-up (imports, rendezvous) dominates and overlaps
+    well."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(len(jobs)) as pool:
-        procs = list(pool.map(lambda args: _launch(args, nproc), jobs))
-    for args, proc in zip(jobs, procs):
+        procs = list(pool.map(lambda job: _launch(*job), jobs))
+    for (args, _), proc in zip(jobs, procs):
         assert proc.returncode == 0, f"{' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
 
 
@@ -102,11 +107,14 @@ def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("parallel")
     data = str(_make_data(tmp / "data"))
     common = ["--data", data, "--steps", str(STEPS), "--save-at", str(SAVE_AT)]
-    ck = {name: str(tmp / f"ckpt_{name}") for name in ("w1", "dp2", "ep2")}
-    res = {name: str(tmp / f"result_{name}.json") for name in ("w1", "dp2", "ep2", "w1_micro")}
+    ck = {name: str(tmp / f"ckpt_{name}") for name in ("w1", "dp2", "ep2", "dp2ep2")}
+    res = {name: str(tmp / f"result_{name}.json") for name in ("w1", "dp2", "ep2", "w1_micro", "dp2ep2")}
     _run_ok([*common, "--result", res["w1"], "--ckpt", ck["w1"]], nproc=1)
-    _run_ok_concurrently([*common, "--result", res["dp2"], "--ckpt", ck["dp2"], "--resume-from", ck["w1"]],
-                         [*common, "--ep", "2", "--result", res["ep2"], "--ckpt", ck["ep2"], "--resume-from", ck["w1"]])
+    four = ["--data", data, "--steps", str(FOUR_PROC_STEPS), "--save-at", "2", "--resume-steps", "1", "--ep", "2"]
+    _run_ok_concurrently(([*common, "--result", res["dp2"], "--ckpt", ck["dp2"], "--resume-from", ck["w1"]], 2),
+                         ([*common, "--ep", "2", "--result", res["ep2"], "--ckpt", ck["ep2"],
+                           "--resume-from", ck["w1"]], 2),
+                         ([*four, "--result", res["dp2ep2"], "--ckpt", ck["dp2ep2"], "--resume-from", ck["w1"]], 4))
     hf_dir = tmp / "consolidated"
     _run_ok([*common, "--micro-batches", "2", "--result", res["w1_micro"], "--resume-from", ck["ep2"],
              "--resume-from", ck["dp2"], "--consolidate-to", str(hf_dir)], nproc=1)
@@ -131,6 +139,25 @@ def test_two_process_loss_curve_matches_one_process(runs, name):
     assert dist_run["first_global_load"] == ref["first_global_load"]
     assert sum(map(sum, ref["first_global_load"])) > 0
     assert np.abs(np.asarray(ref["router_bias"])).max() > 0 and dist_run["bias_replicas_equal"]
+
+
+@pytest.mark.slow
+def test_four_processes_dp2_x_ep2_match_one_process(runs):
+    """The only layout where FSDP shards the expert stacks over dp > 1 on top of EP (strided DTensor shards; gloo's
+    SUM-then-divide with the custom divide factor; MuonClip on 2-D-mesh stacks): same first step as 1 process,
+    and a 1 -> 4 process resume whose first step matches the saving run."""
+    ref, run = runs["w1"]["fresh"], runs["dp2ep2"]
+    assert run["world_size"] == 4 and run["ep"] == 2
+    fresh = run["fresh"]
+    assert len(fresh["loss"]) == FOUR_PROC_STEPS
+    assert _rel(ref["loss"][:1], fresh["loss"][:1]).max() < FIRST_STEP_RTOL
+    assert _rel(ref["grad_norm"][:1], fresh["grad_norm"][:1]).max() < FIRST_STEP_RTOL
+    assert _rel(ref["loss"][:FOUR_PROC_STEPS], fresh["loss"]).max() < CURVE_RTOL
+    assert fresh["first_global_load"] == ref["first_global_load"] and fresh["bias_replicas_equal"]
+    resumed = run["resumed"][runs["ckpt"]["w1"]]
+    assert _rel(ref["loss"][SAVE_AT:SAVE_AT + 1], resumed["loss"]).max() < FIRST_STEP_RTOL
+    meta = json.loads((Path(runs["ckpt"]["dp2ep2"]) / "openk2_dist.json").read_text())
+    assert meta["world_size"] == 4 and meta["ep"] == 2
 
 
 @pytest.mark.slow
@@ -161,7 +188,7 @@ def test_checkpoint_layout_and_consolidation(runs):
 
     ep_ckpt = Path(runs["ckpt"]["ep2"])
     assert parallel.is_distributed_checkpoint(ep_ckpt)
-    assert not Path(str(ep_ckpt) + ".tmp").exists()
+    assert not (ep_ckpt.parent / f".tmp-{ep_ckpt.name}").exists()
     meta = json.loads((ep_ckpt / "openk2_dist.json").read_text())
     assert meta["world_size"] == 2 and meta["ep"] == 2
     assert torch.load(ep_ckpt / "extra_rank1.pt", weights_only=False)["step"] == SAVE_AT
@@ -241,6 +268,31 @@ def test_stuck_rank_ends_the_job_by_collective_timeout(tmp_path):
     assert elapsed < 5 + 40, f"job took {elapsed:.0f}s to end"
 
 
+@pytest.mark.slow
+def test_expert_parallel_module_barrier_and_reductions(tmp_path):
+    """tests/dist/collectives_check.py, 2 processes: ExpertParallelExperts against RoutedExperts holding every
+    expert (outputs, input / routing-weight gradients, each owner's expert gradient = the sum over all ranks),
+    including a rank that receives no rows and bf16 tokens on the wire; ctx.barrier(timeout_s) outlasting the
+    collective timeout; the context's reductions."""
+    result = tmp_path / "collectives.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "dist" / "collectives_check.py"), "--result", str(result)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    checks = json.loads(result.read_text())
+    ep = checks["expert_parallel"]
+    assert ep["skewed"]["rows_per_owner"][1] == 0 and min(ep["random"]["rows_per_owner"]) > 0
+    for case, rtol in (("skewed", 1e-6), ("random", 1e-6), ("bf16", 2e-2)):  # bf16: a few bf16 roundings apart
+        for quantity in ("out", "x_grad", "weight_grad", "gate_proj", "up_proj", "down_proj"):
+            assert ep[case][quantity] < rtol, f"{case}: {quantity} differs by {ep[case][quantity]:.2e} (relative)"
+    barrier = checks["long_barrier"]
+    assert barrier["waited_s"] > 1.5 * barrier["group_timeout_s"]  # the waiting rank outlasted the group timeout
+    reductions = checks["reductions"]
+    assert reductions["mean"] == [1.5, 3.0] and reductions["max"] == [2.0, 4.0]
+    assert reductions["float_mean"] == 0.5 and reductions["float_max"] == 1.0
+    assert reductions["input_untouched"] == [1.0, 2.0]
+
+
 # -- in-process checks (no torchrun) --------------------------------------------------------------------------
 
 
@@ -265,9 +317,57 @@ def test_init_errors_are_clear(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3 is not divisible by ep=2"):
         parallel.init_distributed(ep=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='nccl' needs CUDA"):
+            parallel.init_distributed(backend="nccl")
 
 
 def test_load_rejects_an_incomplete_checkpoint(tmp_path):
     (tmp_path / "half" / "dcp").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="openk2_dist.json missing"):
         parallel.load_distributed(tmp_path / "half", torch.nn.Linear(2, 2), None)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model math in this process: one thread (two spin-wait on each other on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_load_restores_optimizer_state_with_gradients_present(tmp_path, one_thread):
+    """DCP loads optimizer state into existing tensors, which torch creates only when no parameter has a gradient;
+    a load after a backward (e.g. a warm-up step) must still restore every moment, and keep the gradients."""
+    import warnings
+
+    from openk2.config import K2Config
+    from openk2.model import K2ForCausalLM
+    from openk2.optim import MuonClip
+
+    cfg = K2Config.preset("tiny")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = K2ForCausalLM(cfg)
+        return model, MuonClip(model, lr=1e-3)
+
+    saved_model, saved_opt = build(0)
+    saved_model(ids, labels=ids).loss.backward()
+    saved_opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: "assuming the intent is to save in a single process"
+        parallel.save_distributed(tmp_path / "ckpt", saved_model, saved_opt, {"step": 1})
+        model, opt = build(1)
+        model(ids, labels=ids).loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        parallel.load_distributed(tmp_path / "ckpt", model, opt)
+    saved_params, params = dict(saved_model.named_parameters()), dict(model.named_parameters())
+    assert len(opt.state) == len(saved_opt.state) > 0
+    for name, p in params.items():
+        torch.testing.assert_close(p, saved_params[name], rtol=0, atol=0, msg=name)
+        for key, value in saved_opt.state[saved_params[name]].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=0, atol=0, msg=f"{name} {key}")
+        assert torch.equal(p.grad, grads[name]), f"{name}: gradient not kept"

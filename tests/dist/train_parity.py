@@ -4,7 +4,8 @@ One launch does, in order:
   fresh   train the `tiny` preset for --steps steps (MuonClip, fp32) from seed 0, saving a DCP checkpoint after
           --save-at steps; records the global loss, the global gradient norm and the router bias per step.
   resume  (for each --resume-from CKPT) build a differently seeded model, load CKPT (written at any world size /
-          EP degree), skip the data already consumed and train steps save_at+1 .. steps; records the same.
+          EP degree), skip the data already consumed and train steps save_at+1 .. steps (or --resume-steps steps);
+          records the same.
   consolidate (with --consolidate-to DIR, single process only) write CKPT --resume-from[0] as an HF checkpoint.
 Rank 0 writes everything to --result (JSON).
 
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--save-at", type=int, default=10)
     ap.add_argument("--ckpt", default=None, help="where the fresh run saves after --save-at steps")
     ap.add_argument("--resume-from", action="append", default=[])
+    ap.add_argument("--resume-steps", type=int, default=None, help="steps after each resume (default: up to --steps)")
     ap.add_argument("--consolidate-to", default=None)
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=32)
@@ -115,9 +117,9 @@ def main() -> None:
         model, optimizer = build(ctx, seed=123, lr=args.lr)  # other weights: only the checkpoint can make it match
         extra = parallel.load_distributed(ckpt, model, optimizer)
         data = loader()
-        for _ in range(extra["step"]):  # the same global batches at any world size, so skip by count
-            data.next_batch()
-        result["resumed"][ckpt] = train(ctx, model, optimizer, data, extra["step"] + 1, args.steps)
+        data.load_state_dict(extra["loader"])  # any world size with the same global batch
+        last = args.steps if args.resume_steps is None else extra["step"] + args.resume_steps
+        result["resumed"][ckpt] = train(ctx, model, optimizer, data, extra["step"] + 1, last)
     if args.consolidate_to and ctx.is_main:
         parallel.consolidate(args.resume_from[0], args.consolidate_to)
     if ctx.is_main:
