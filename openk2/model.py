@@ -612,8 +612,8 @@ class K2ForCausalLM(nn.Module):
             n = T - depth
             if n < 2:  # no position has a target this deep (the sequence is too short)
                 break
-            hidden = layer(hidden[:, :n], self.model.embed_tokens(input_ids[:, depth:]), cos[:, :n], sin[:, :n])
-            losses.append(causal_lm_loss(self.lm_head(layer.shared_head.norm(hidden)), labels[:, depth:]))
+            hidden, normed = layer(hidden[:, :n], self.model.embed_tokens(input_ids[:, depth:]), cos[:, :n], sin[:, :n])
+            losses.append(causal_lm_loss(self.lm_head(normed), labels[:, depth:]))
         if not losses:
             return hidden.new_zeros((), dtype=torch.float32)
         return torch.stack(losses).sum() / len(self.mtp)
@@ -745,7 +745,8 @@ class MTPLayer(DecoderLayer):
     then hidden; the report's eq. 21 lists them the other way round). The embedding and lm_head are the main
     model's (shared, not copied). Its MLA's layer index is num_hidden_layers + k - 1 (its key prefix in released
     checkpoints); it is never given a decode cache. forward(hidden [B, n, H], next_embeds [B, n, H], cos, sin) ->
-    the block output h^k [B, n, H] (before shared_head.norm: the next depth reads this)."""
+    (h^k [B, n, H], the block output that the next depth reads; shared_head.norm(h^k), what the lm_head reads).
+    Every own weight is used inside forward, so the module can be an FSDP unit of its own."""
 
     def __init__(self, cfg: K2Config, depth: int):
         super().__init__(cfg, cfg.num_hidden_layers + depth - 1)  # index >= first_k_dense_replace: an MoE block
@@ -755,6 +756,7 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = MTPHeadNorm(cfg)
 
-    def forward(self, hidden, next_embeds, cos, sin) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, hidden, next_embeds, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         mixed = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        return super().forward(mixed, cos, sin)
+        out = super().forward(mixed, cos, sin)
+        return out, self.shared_head.norm(out)
