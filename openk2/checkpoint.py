@@ -799,13 +799,15 @@ def fp32_buffers(model: nn.Module) -> None:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> nn.Module:
+                    device: str | torch.device | None = None, *, mtp: bool = True) -> nn.Module:
     """Load an HF-layout checkpoint (or a run directory's latest checkpoint) into a new K2ForCausalLM.
 
     `dtype`: the model's floating dtype (default: config.json's torch_dtype / dtype, else float32; block-FP8
     weights are dequantized into it). The router's e_score_correction_bias stays fp32. The model is built on
     the meta device and allocated once; the checkpoint is validated from its file headers before any data is
     read, then copied tensor by tensor, so either the complete model is returned or CheckpointError is raised.
+    `mtp=False` builds the model without its multi-token-prediction modules (inference never runs them) and skips
+    their tensors.
     """
     from openk2.config import K2Config
 
@@ -819,11 +821,13 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     dtype = dtype or _config_dtype(config_dict)
     device = torch.device(device) if device is not None else torch.device("cpu")
     infos = read_checkpoint_headers(directory)  # fail on unreadable files before allocating the model
-    mtp = _mtp_layers(config_dict)
-    if len(mtp) and not any(_layer_index(name) in mtp for name in infos):
+    declared_mtp = _mtp_layers(config_dict)
+    if len(declared_mtp) and not any(_layer_index(name) in declared_mtp for name in infos):
         # transformers writes num_nextn_predict_layers: 1 by default without MTP weights: the main model alone.
         log.info("%s: %s says num_nextn_predict_layers=%d but the checkpoint holds no MTP tensors; loading the "
-                 "model without MTP modules", directory, CONFIG_NAME, len(mtp))
+                 "model without MTP modules", directory, CONFIG_NAME, len(declared_mtp))
+        config = config.replace(num_nextn_predict_layers=0)
+    if not mtp:
         config = config.replace(num_nextn_predict_layers=0)
     model = _build_empty_model(config, dtype, device)
     load_hf_state_dict_from_dir(model, directory)

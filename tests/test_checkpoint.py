@@ -553,6 +553,12 @@ def test_mtp_round_trip_in_the_deepseek_v3_layout(tmp_path):
     loaded = load_pretrained(out)
     assert loaded.config.num_nextn_predict_layers == 2 and len(loaded.mtp) == 2
     assert_same_weights(model, loaded)
+    for_inference = load_pretrained(out, mtp=False)  # the MTP modules are skipped, the main model is the same
+    assert len(for_inference.mtp) == 0
+    full, main = to_hf_state_dict(model), to_hf_state_dict(for_inference)
+    assert set(full) - set(main) == {k for k in full if k.startswith((f"model.layers.{layers}.",
+                                                                      f"model.layers.{layers + 1}."))}
+    assert all(torch.equal(full[k], v) for k, v in main.items())
     in_place = make_model(tiny_config(num_nextn_predict_layers=2, initializer_range=0.5))  # resume path
     ckpt.load_hf_state_dict_from_dir(in_place, out)
     assert_same_weights(model, in_place)
