@@ -204,21 +204,23 @@ def main(argv: list[str] | None = None) -> None:
     table(f"2a. Newton-Schulz on the {len(mats)} 2-D hidden matrices", list(ns2.items()),
           "torch NS, one matrix at a time")
     n_experts = sum(s.shape[0] for s in stacks)
-    ns3 = race({"naive batched bf16 NS per stack": lambda: [naive_batched_ns(s) for s in stacks],
+    naive_name, standard_name, gram_name = ("naive batched bf16 NS per stack",
+                                            "ours, standard NS (fused, batched by shape)",
+                                            "ours (Gram NS where it pays)")
+    ns3 = race({naive_name: lambda: [naive_batched_ns(s) for s in stacks],
                 "torch NS looped over experts": lambda: [torch_ns(e) for s in stacks for e in s],
-                "ours, standard NS (fused, batched by shape)": lambda: orthogonalize_many(stacks, stack_method="standard"),
-                "ours (Gram NS where it pays)": lambda: orthogonalize_many(stacks)}, max(rounds, 7))
+                standard_name: lambda: orthogonalize_many(stacks, stack_method="standard"),
+                gram_name: lambda: orthogonalize_many(stacks)}, max(rounds, 7))
     shapes = sorted({tuple(s.shape) for s in stacks})
     table(f"2b. Newton-Schulz on {len(stacks)} expert stacks of `small` ({n_experts} matrices, {shapes}), "
-          f"median of {max(rounds, 7)} rounds", list(ns3.items()), "naive batched bf16 NS per stack")
+          f"median of {max(rounds, 7)} rounds", list(ns3.items()), naive_name)
     flops_std = sum(s.shape[0] * ns_flops(s.shape, gram=False) for s in stacks)
     flops_ours = sum(s.shape[0] * ns_flops(s.shape, gram=gram_pays(s.shape)) for s in stacks)
-    print(f"  matmul FLOPs: standard {flops_std / 1e9:.1f} G ({flops_std / ns3['naive batched bf16 NS per stack'] / 1e9:.0f}"
-          f" GFLOP/s naive, {flops_std / ns3['ours, standard NS (fused, batched by shape)'] / 1e9:.0f} GFLOP/s ours standard);"
-          f" ours {flops_ours / 1e9:.1f} G ({flops_ours / ns3['ours (Gram NS where it pays)'] / 1e9:.0f} GFLOP/s),"
-          f" {flops_std / flops_ours:.2f}x fewer")
+    print(f"  matmul FLOPs: standard {flops_std / 1e9:.1f} G ({flops_std / ns3[naive_name] / 1e9:.0f} GFLOP/s naive, "
+          f"{flops_std / ns3[standard_name] / 1e9:.0f} GFLOP/s ours standard); ours {flops_ours / 1e9:.1f} G "
+          f"({flops_ours / ns3[gram_name] / 1e9:.0f} GFLOP/s), {flops_std / flops_ours:.2f}x fewer")
 
-    naive, ours_3d = ns3["naive batched bf16 NS per stack"], ns3["ours (Gram NS where it pays)"]
+    naive, ours_3d = ns3[naive_name], ns3[gram_name]
     if args.ns_only:
         print(f"\ngoal: expert stacks ours vs naive batched: {naive / ours_3d:.2f}x faster (goal >= 1.5)  "
               f"{'MET' if naive / ours_3d >= 1.5 else 'NOT MET'}")

@@ -12,15 +12,16 @@ Parameter names equal the released Hugging Face names, except the routed experts
 Contracts other modules rely on are in docs/architecture.md ("Model contract").
 
 Two attention paths:
-- training / full-sequence path: q, k, v are materialized per head and run through scaled_dot_product_attention
-  (or, when `record_max_logits` is on, through explicit scores so the per-head max logit can be recorded for
-  QK-Clip);
+- training / full-sequence path: q, k, v are materialized per head and run through `causal_attention`: on CPU,
+  explicit attention in query blocks that skip the masked key blocks (faster than CPU SDPA at these head sizes,
+  and the per-head max logit for QK-Clip comes free from its scores); elsewhere SDPA plus a blockwise max pass;
 - decode path (`cache=`): only the normalized latent c_kv and the rotated shared k_rope are cached per token;
   the k half of kv_b_proj is folded into the query and the v half into the output ("weight absorption").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -189,6 +190,83 @@ class MLACache:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Multi-head latent attention
+# ----------------------------------------------------------------------------------------------------------------
+# Attention kernels (training / full-sequence path)
+EXPLICIT_ATTENTION_MAX_SCORES = 1 << 26  # B*h*T*T/2 scores kept for backward per layer; above this, SDPA
+ATTENTION_QUERY_BLOCK = 256
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                     record_max_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal softmax attention. q, k [B, h, T, dq], v [B, h, T, dv] -> (out [B, h, T, dv], per-head max scaled
+    logit [h] fp32 when `record_max_logits`, else None).
+
+    On CPU, for moderate B*h*T^2, explicit attention in query blocks of ATTENTION_QUERY_BLOCK: block i only
+    multiplies against keys 0..end_i (~5/8 of the full square at T = 512), the matmuls run at the dtype's matmul
+    speed, and the max logit falls out of the scores it already has. It is 2-2.5x faster than CPU SDPA's flash
+    kernel at K2-small head sizes (48/32) in bf16 (benchmarks/bench_model.py). Like transformers' eager
+    attention, bf16 scores are rounded to bf16 before a softmax that accumulates in fp32. Elsewhere (CUDA, or
+    scores too large to keep for backward) SDPA, plus a separate no-grad blockwise pass for the max logit."""
+    B, nh, T, _ = q.shape
+    if q.device.type != "cpu" or B * nh * T * T // 2 > EXPLICIT_ATTENTION_MAX_SCORES:
+        out = padded_sdpa(q, k, v, scale, is_causal=True)
+        return out, (max_causal_logits(q, k, scale) if record_max_logits else None)
+    q3, k3, v3 = q.reshape(B * nh, T, -1), k.reshape(B * nh, T, -1), v.reshape(B * nh, T, -1)
+    outs, block_max = [], []
+    for start in range(0, T, ATTENTION_QUERY_BLOCK):
+        end = min(T, start + ATTENTION_QUERY_BLOCK)
+        # the causal mask enters as the additive input of baddbmm: one kernel, no separate masking pass
+        mask = _causal_bias(start, end, q.dtype, q.device)
+        scores = torch.baddbmm(mask, q3[:, start:end], k3[:, :end].transpose(1, 2), alpha=scale)
+        if record_max_logits:
+            block_max.append(scores.detach().view(B, nh, -1).amax(dim=(0, 2)))
+        outs.append(torch.bmm(torch.softmax(scores, dim=-1), v3[:, :end]))
+    out = torch.cat(outs, dim=1).view(B, nh, T, -1)
+    max_logits = torch.stack(block_max).amax(dim=0).float() if record_max_logits else None
+    return out, max_logits
+
+
+def _build_causal_bias(start: int, end: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[end - start, end] additive mask for queries start..end-1 over keys 0..end-1: 0 where visible, -inf after."""
+    future = torch.ones(end - start, end, dtype=torch.bool, device=device).triu_(start + 1)
+    return torch.zeros(end - start, end, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+
+
+_cached_causal_bias = functools.lru_cache(maxsize=64)(_build_causal_bias)
+
+
+def _causal_bias(start: int, end: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # eager: cached; torch.compile traces the construction instead (and constant-folds it)
+    builder = _build_causal_bias if torch.compiler.is_compiling() else _cached_causal_bias
+    return builder(start, end, dtype, device)
+
+
+@torch.no_grad()
+def max_causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-head max of the scaled causal logits q.k (q, k [B, h, T, d]) -> [h] fp32, in query blocks so the
+    memory stays O(block * T) (used beside fused attention kernels that never expose their scores)."""
+    B, nh, T, _ = q.shape
+    result = torch.full((nh,), float("-inf"), device=q.device)
+    for start in range(0, T, ATTENTION_QUERY_BLOCK):
+        end = min(T, start + ATTENTION_QUERY_BLOCK)
+        scores = torch.matmul(q[:, :, start:end], k[:, :, :end].transpose(-2, -1)).float() * scale
+        future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu_(start + 1)
+        result = torch.maximum(result, scores.masked_fill(future, float("-inf")).amax(dim=(0, 2, 3)))
+    return result
+
+
+def padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kwargs) -> torch.Tensor:
+    """scaled_dot_product_attention with equal head sizes: CPU's flash kernel needs q/k and v to match (else SDPA
+    takes the slow math path that materializes the scores), so the smaller side is zero-padded; zeros change
+    neither the scores nor the kept output columns."""
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    if v_dim < qk_dim:
+        v = F.pad(v, (0, qk_dim - v_dim))
+    elif v_dim > qk_dim:
+        q, k = F.pad(q, (0, v_dim - qk_dim)), F.pad(k, (0, v_dim - qk_dim))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :v_dim]
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: K2Config, layer_idx: int):
         super().__init__()
@@ -245,27 +323,14 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B, h, T, dq]
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, T, nh, self.rope_dim)), dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)  # [B, h, T, dv]
-        if self.record_max_logits:
-            scores = torch.matmul(q, k.transpose(-2, -1)).float() * self.softmax_scale
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-            scores = scores.masked_fill(causal, float("-inf"))
-            self.max_logits = scores.detach().amax(dim=(0, 2, 3))
-            probs = torch.softmax(scores, dim=-1).to(v.dtype)
-            out = torch.matmul(probs, v)
-        else:
-            out = self._sdpa(q, k, v, is_causal=True)
+        out, max_logits = causal_attention(q, k, v.transpose(1, 2), self.softmax_scale,
+                                           record_max_logits=self.record_max_logits)
+        if max_logits is not None:
+            self.max_logits = max_logits
         return out.transpose(1, 2).reshape(B, T, nh * self.v_dim)
 
     def _sdpa(self, q, k, v, **kwargs) -> torch.Tensor:
-        """scaled_dot_product_attention with equal head sizes: CPU's flash kernel needs q/k and v to match (else
-        SDPA takes the slow math path that materializes the scores), so the smaller side is zero-padded; zeros
-        change neither the scores nor the kept output columns."""
-        if self.v_dim < self.qk_dim:
-            v = F.pad(v, (0, self.qk_dim - self.v_dim))
-        elif self.v_dim > self.qk_dim:
-            q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
-        return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **kwargs)[..., : self.v_dim]
+        return padded_sdpa(q, k, v, self.softmax_scale, **kwargs)
 
     # -- decode path: compressed cache + weight absorption ------------------------------------------------------
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, cache: MLACache, rows, positions) -> torch.Tensor:
@@ -415,24 +480,26 @@ class RoutedExperts(nn.Module):
             # projection; a grouped matmul would iterate over mostly empty groups.
             y = self._gathered_swiglu(x.to(dtype).repeat_interleave(k, dim=0), flat_expert, *weights)
             return torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y.view(N, k, -1)).squeeze(1).to(x.dtype)
-        order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
         dispatch = self.dispatch
         if dispatch == "auto":
-            # torch.compile's shape rules for _grouped_mm accept bf16 only (the CUDA kernel's constraint), while
-            # the eager CPU kernel is the fast fp32 path: compiled fp32 graphs take the padded bmm instead.
-            grouped_ok = (hasattr(torch, "_grouped_mm") and dtype == torch.float32
-                          and not torch.compiler.is_compiling())
+            # _grouped_mm: the CUDA kernel is bf16 (and what torch.compile's shape rules accept); the eager CPU kernel
+            # is fast in fp32 only (bf16 on CPU builds a kernel per new group shape), so CPU bf16 and compiled CPU
+            # fp32 take the padded bmm.
+            on_cuda = x.device.type == "cuda"
+            grouped_ok = hasattr(torch, "_grouped_mm") and (
+                (on_cuda and dtype == torch.bfloat16)
+                or (not on_cuda and dtype == torch.float32 and not torch.compiler.is_compiling()))
             dispatch = "grouped_mm" if grouped_ok else "padded_bmm"
         if dispatch == "grouped_mm":
+            order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
+            counts = torch.bincount(flat_expert, minlength=self.num_experts)
+            x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
             y_sorted = self._grouped_mm_swiglu(x_sorted, counts, *weights)
+            y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, slot) order
         else:
-            y_sorted = self._padded_bmm_swiglu(x_sorted, counts, flat_expert[order], *weights)
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y = y_sorted.index_select(0, unsort).view(N, k, -1)  # back to (token, slot) order
+            y = self._padded_bmm_swiglu(x.to(dtype), flat_expert, k, *weights)
         # weighted sum over the k slots as one batched matmul (fp32 accumulation inside the kernel)
-        y = torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y).squeeze(1)
+        y = torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y.view(N, k, -1)).squeeze(1)
         return y.to(x.dtype)
 
     def _grouped_mm_swiglu(self, xs, counts, gate, up, down):
@@ -448,15 +515,24 @@ class RoutedExperts(nn.Module):
         h = h * torch.bmm(xs, up.index_select(0, expert).transpose(1, 2))
         return torch.bmm(h, down.index_select(0, expert).transpose(1, 2)).squeeze(1)  # [A, H]
 
-    def _padded_bmm_swiglu(self, xs, counts, sorted_expert, gate, up, down):
-        capacity = int(counts.max()) if xs.shape[0] else 0
-        capacity = -(-capacity // self.capacity_multiple) * self.capacity_multiple
+    def _padded_bmm_swiglu(self, x, flat_expert, k, gate, up, down):
+        """All experts as one bmm per projection over a zero-padded [E, capacity, H] buffer. Assignment a (token
+        a // k) goes to row expert * capacity + (its rank among that expert's assignments); the buffer is one
+        gather of x (padding rows read an appended zero row), the result one gather back in (token, slot) order,
+        so both backward passes are single index_adds."""
+        E, H, assignments = self.num_experts, x.shape[-1], flat_expert.numel()
+        counts = torch.bincount(flat_expert, minlength=E)
+        capacity = -(-int(counts.max()) // self.capacity_multiple) * self.capacity_multiple
+        order = torch.argsort(flat_expert, stable=True)
         starts = counts.cumsum(0) - counts
-        slot = torch.arange(xs.shape[0], device=xs.device) - starts[sorted_expert]
-        padded = xs.new_zeros(self.num_experts, capacity, xs.shape[-1])
-        padded[sorted_expert, slot] = xs
+        sorted_expert = flat_expert[order]
+        rank = torch.arange(assignments, device=x.device) - starts[sorted_expert]
+        rows = torch.empty_like(order).scatter_(0, order, sorted_expert * capacity + rank)  # per assignment
+        source = torch.full((E * capacity,), x.shape[0], dtype=torch.long, device=x.device)
+        source.scatter_(0, rows, torch.arange(assignments, device=x.device) // k)
+        padded = torch.cat((x, x.new_zeros(1, H))).index_select(0, source).view(E, capacity, H)
         h = F.silu(torch.bmm(padded, gate.transpose(-2, -1))) * torch.bmm(padded, up.transpose(-2, -1))
-        return torch.bmm(h, down.transpose(-2, -1))[sorted_expert, slot]
+        return torch.bmm(h, down.transpose(-2, -1)).view(E * capacity, H).index_select(0, rows)
 
 
 class MoE(nn.Module):
@@ -720,10 +796,49 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # Shift the labels, not the logits (no copy of the big tensor): the last position gets an ignored label.
     labels = labels.to(logits.device)
     shift_labels = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1).reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift_labels, ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    total = ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), shift_labels)
     count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed token cross-entropy of logits [N, V] (any float dtype) against targets [N] (IGNORE_INDEX skipped),
+    fp32 math done in row chunks that stay in cache: the whole [N, V] fp32 log-softmax is never materialized
+    (on CPU, F.cross_entropy on upcast logits is memory-bound: 3x slower at N = 2048, V = 8192). Backward writes
+    softmax - one_hot straight into a gradient of the logits' dtype."""
+
+    CHUNK_BYTES = {"cpu": 1 << 21}  # fp32 bytes per chunk; other devices: 256 MiB
+
+    @staticmethod
+    def _rows(logits: torch.Tensor) -> int:
+        budget = ChunkedCrossEntropy.CHUNK_BYTES.get(logits.device.type, 1 << 28)
+        return max(8, budget // (4 * logits.shape[-1]))
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = ChunkedCrossEntropy._rows(logits)
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            lse[start : start + rows] = torch.logsumexp(logits[start : start + rows].float(), dim=-1)
+        valid = targets != IGNORE_INDEX
+        safe_targets = targets.clamp(min=0)
+        target_logit = logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(logits, safe_targets, valid, lse)
+        return torch.where(valid, lse - target_logit, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, safe_targets, valid, lse = ctx.saved_tensors
+        rows = ChunkedCrossEntropy._rows(logits)
+        grad = torch.empty_like(logits)
+        scale = valid.float() * grad_total  # ignored rows get a zero gradient
+        minus_one = torch.full((min(rows, logits.shape[0]), 1), -1.0, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            end = min(start + rows, logits.shape[0])
+            chunk = (logits[start:end].float() - lse[start:end, None]).exp_()  # softmax (never in place: fp32 logits)
+            chunk.scatter_add_(1, safe_targets[start:end, None], minus_one[: end - start])
+            grad[start:end] = chunk.mul_(scale[start:end, None])
+        return grad, None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -586,19 +586,34 @@ def _state_dicts(model: nn.Module, optimizer):
 
 def _create_optimizer_state(model: nn.Module, optimizer, optimizers: list[torch.optim.Optimizer]) -> None:
     """DCP saves / loads the optimizer state through existing tensors; `get_state_dict` creates them for an optimizer
-    that has not stepped yet (a zero-lr step on zero gradients), but skips that when any parameter holds a gradient,
-    which would leave the state empty and a load silently without its moments. So gradients are set aside for it."""
-    if not optimizers or all(o.state for o in optimizers):
+    that has not stepped yet, by a zero-lr step on zero gradients. Made safe here:
+    - it skips that step when any parameter holds a gradient (the state stays empty, and a load silently drops the
+      moments), so gradients are set aside for it;
+    - it must not change training: QK-Clip (which rescales weights whatever the lr) is off for it, and the step
+      counters it advanced are reset, so the new state acts exactly as a fresh optimizer's."""
+    fresh = [o for o in optimizers if not o.state]
+    if not fresh:
         return
     params = [p for o in optimizers for group in o.param_groups for p in group["params"]]
     grads = [p.grad for p in params]
+    clip_taus = {o: o.qk_clip_tau for o in optimizers if getattr(o, "qk_clip_tau", None) is not None}
     for p in params:
         p.grad = None
+    for o in clip_taus:
+        o.qk_clip_tau = None
     try:
         _state_dicts(model, optimizer)
     finally:
         for p, g in zip(params, grads):
             p.grad = g
+        for o, tau in clip_taus.items():
+            o.qk_clip_tau = tau
+    for o in fresh:
+        for state in o.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
 
 
 def _rank_world() -> tuple[int, int]:

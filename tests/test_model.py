@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from openk2.config import K2Config
-from openk2.model import IGNORE_INDEX, K2ForCausalLM, MoE, RoutedExperts, Router, causal_lm_loss
+from openk2 import model as model_module
+from openk2.model import (IGNORE_INDEX, ChunkedCrossEntropy, K2ForCausalLM, MoE, RoutedExperts, Router,
+                          causal_attention, causal_lm_loss)
 
 
 def tiny(**changes) -> K2Config:
@@ -45,6 +47,25 @@ def test_forward_shapes_and_loss_matches_manual_cross_entropy():
         model(ids, labels=labels[:, :5])
     with pytest.raises(ValueError, match="input_ids"):
         model(ids.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch_in_value_and_gradient(dtype, monkeypatch):
+    monkeypatch.setitem(ChunkedCrossEntropy.CHUNK_BYTES, "cpu", 8 * 4 * 50)  # 8-row chunks: 37 rows -> 5 chunks
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(37, 50)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (37,))
+    targets[[0, 9, 36]] = IGNORE_INDEX
+    ours = ChunkedCrossEntropy.apply(logits, targets)
+    (2.5 * ours).backward()
+    reference_logits = logits.detach().float().requires_grad_()
+    reference = F.cross_entropy(reference_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    (2.5 * reference).backward()
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
+    assert logits.grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: the gradient is stored in bf16
+    torch.testing.assert_close(logits.grad.float(), reference_logits.grad, atol=tolerance, rtol=tolerance)
+    assert logits.grad[[0, 9, 36]].abs().max() == 0  # ignored rows get no gradient
 
 
 def test_bf16_model_keeps_router_bias_fp32_and_runs():
@@ -119,6 +140,33 @@ def test_max_logits_equal_brute_force_recomputation():
     model.set_record_max_logits(False)
     with pytest.raises(RuntimeError, match="max attention logits"):
         model.max_attention_logits()
+
+
+@pytest.mark.parametrize("path", ["blocked", "sdpa"])
+def test_causal_attention_kernels_match_reference_with_grads(path, monkeypatch):
+    """Both training attention paths (blocked explicit on CPU; SDPA + separate max pass) equal a float64
+    reference in output, gradients and per-head max logit, over several uneven query blocks."""
+    if path == "sdpa":
+        monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_SCORES", 0)
+    monkeypatch.setattr(model_module, "ATTENTION_QUERY_BLOCK", 48)
+    torch.manual_seed(0)
+    B, h, T, dq, dv, scale = 2, 3, 130, 12, 8, 0.3
+    q, k, v = (torch.randn(B, h, T, d, requires_grad=True) for d in (dq, dq, dv))
+    grad_out = torch.randn(B, h, T, dv)
+    out, max_logits = causal_attention(q, k, v, scale, record_max_logits=True)
+    out.backward(grad_out)
+    grads = [t.grad.clone() for t in (q, k, v)]
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = (q64 @ k64.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    expected = torch.softmax(scores, dim=-1) @ v64
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for got, ref in zip(grads, (q64.grad, k64.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(max_logits.double(), scores.amax(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    assert causal_attention(q, k, v, scale)[1] is None  # recording off: nothing computed
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def _gram_and_standard(G):
     return zeropower_via_newtonschulz(G, method="gram").float(), zeropower_via_newtonschulz(G).float()
 
 
-@pytest.mark.parametrize("shape", [(128, 256), (256, 128), (4, 96, 336), (48, 200)])
+@pytest.mark.parametrize("shape", [(128, 256), (256, 128), (3, 64, 224)])
 def test_gram_newton_schulz_band_and_closeness_random(shape):
     # Same polynomial as the standard iteration, evaluated on X X^T: the band and the entries must agree to
     # bf16 rounding. Measured max |gram - standard| 0.008-0.018 on such inputs; the bound is 0.04.
@@ -98,16 +98,17 @@ def _with_spectrum(rows, cols, S, seed=0):
 def test_gram_newton_schulz_ill_conditioned_matches_the_standard_iteration():
     # The cases that break a Gram iteration without restart (bf16 noise in the small eigenvalues of X X^T goes
     # negative and is amplified each step: singular values of 7 to 7700 were measured) must stay in the
-    # standard iteration's band: condition number 1e4 and 1e6, and a rank-1-dominated momentum-like matrix.
+    # standard iteration's band: condition number 1e4 and 1e6, and a rank-1-dominated momentum-like matrix
+    # (without the restart these give largest singular values of 32, 17 and 13,700).
     cases = [_with_spectrum(128, 64, torch.logspace(0, -4, 64)),
-             _with_spectrum(192, 384, torch.logspace(0, -6, 192), seed=1),
-             _with_spectrum(160, 320, torch.cat([torch.tensor([100.0]), torch.ones(159) * 0.05]), seed=2)]
+             _with_spectrum(128, 256, torch.logspace(0, -6, 128), seed=1),
+             _with_spectrum(96, 224, torch.cat([torch.tensor([100.0]), torch.ones(95) * 0.05]), seed=2)]
     for G in cases:
         gram, standard = _gram_and_standard(G)
         s_gram, s_std = _svals(gram), _svals(standard)
         assert s_gram.max() < 1.25, s_gram.max()
-        assert (s_gram - s_std).abs().max() < 0.1  # measured <= 0.06 (band edges of two bf16 evaluations)
-        assert (gram - standard).abs().max() < 0.06  # measured <= 0.03
+        assert (s_gram - s_std).abs().max() < 0.1  # measured <= 0.041 (band edges of two bf16 evaluations)
+        assert (gram - standard).abs().max() < 0.06  # measured <= 0.029
     # the lifted part of the 1e4 case is in the band and the tail amplified, as for the standard iteration
     S = torch.logspace(0, -4, 64)
     s_in, s_out = S / S.norm(), _svals(zeropower_via_newtonschulz(cases[0], method="gram"))

@@ -55,7 +55,7 @@ def _env() -> dict:
     return env
 
 
-def _launch(args: list[str], nproc: int, timeout: float = 120) -> subprocess.CompletedProcess:
+def _launch(args: list[str], nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT), *args]
     else:
@@ -371,3 +371,40 @@ def test_load_restores_optimizer_state_with_gradients_present(tmp_path, one_thre
         for key, value in saved_opt.state[saved_params[name]].items():
             torch.testing.assert_close(opt.state[p][key], value, rtol=0, atol=0, msg=f"{name} {key}")
         assert torch.equal(p.grad, grads[name]), f"{name}: gradient not kept"
+
+
+def test_saving_before_the_first_step_changes_nothing(tmp_path, one_thread):
+    """Saving creates the optimizer state of an optimizer that never stepped (DCP needs the tensors). That must not
+    touch training: no QK-Clip on the recorded logits, no advanced AdamW step count. The run that saved, and a run
+    resumed from that checkpoint, take the same first step as a run that never saved."""
+    import warnings
+
+    from openk2.config import K2Config
+    from openk2.model import K2ForCausalLM
+    from openk2.optim import MuonClip
+
+    cfg = K2Config.preset("tiny")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = K2ForCausalLM(cfg)
+        return model, MuonClip(model, lr=1e-2, qk_clip_tau=1e-3)  # tau so low that any clip would show
+
+    def forward_backward_step(model, opt, *, save_to=None):
+        model(ids, labels=ids).loss.backward()
+        if save_to is not None:
+            parallel.save_distributed(save_to, model, opt, {"step": 0})
+        opt.step()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: "assuming the intent is to save in a single process"
+        never_saved = forward_backward_step(*build(0))
+        saved = forward_backward_step(*build(0), save_to=tmp_path / "ckpt")
+        model, opt = build(1)
+        parallel.load_distributed(tmp_path / "ckpt", model, opt)
+        resumed = forward_backward_step(model, opt)
+    for name, expected in never_saved.items():
+        torch.testing.assert_close(saved[name], expected, rtol=0, atol=0, msg=f"saving changed {name}")
+        torch.testing.assert_close(resumed[name], expected, rtol=0, atol=0, msg=f"resume differs in {name}")
