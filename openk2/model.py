@@ -2,6 +2,11 @@
 
     embed -> [RMSNorm -> MLA -> +residual -> RMSNorm -> (dense SwiGLU | MoE) -> +residual] x L -> RMSNorm -> lm_head
 
+Optionally (config.num_nextn_predict_layers = D > 0) D multi-token-prediction modules (`MTPLayer`, at the bottom of
+this file) train alongside: module k predicts token t+k+1 from the previous depth's hidden state and the embedding
+of token t+k, through one more MoE block and the shared lm_head. They only run in a training forward with labels;
+generation ignores them.
+
 Parameter names equal the released Hugging Face names, except the routed experts, which are stacked 3-D parameters
 (`mlp.experts.gate_proj` [E, I, H], `.up_proj` [E, I, H], `.down_proj` [E, H, I]); `openk2.checkpoint` maps them.
 Contracts other modules rely on are in docs/architecture.md ("Model contract").
@@ -28,7 +33,7 @@ from openk2.config import K2Config, flops_per_token
 
 __all__ = [
     "K2Config", "CausalLMOutput", "RMSNorm", "RotaryEmbedding", "MLA", "MLP", "Router", "RoutedExperts", "MoE",
-    "DecoderLayer", "K2Model", "K2ForCausalLM", "MLACache", "causal_lm_loss", "flops_per_token",
+    "DecoderLayer", "K2Model", "K2ForCausalLM", "MLACache", "MTPLayer", "causal_lm_loss", "flops_per_token",
 ]
 
 IGNORE_INDEX = -100
@@ -39,6 +44,9 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    # Mean over the MTP depths of their cross-entropies (unweighted, so it reads like `loss`); `loss` includes
+    # config.mtp_loss_weight * mtp_loss. None unless MTP modules ran (training forward with labels).
+    mtp_loss: torch.Tensor | None = None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -618,6 +626,8 @@ class K2ForCausalLM(nn.Module):
         self.config = config
         self.model = K2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Multi-token prediction modules, depth 1..D (empty for the released shape): training-only.
+        self.mtp = nn.ModuleList(MTPLayer(config, depth) for depth in range(1, config.num_nextn_predict_layers + 1))
         self.reset_parameters()
 
     # -- init ----------------------------------------------------------------------------------------------------
@@ -655,18 +665,44 @@ class K2ForCausalLM(nn.Module):
             rows = cache_rows if cache_rows is not None else slice(None)
             cache.lengths[rows] += input_ids.shape[1]
 
-        aux_loss = None
-        if self.training:
-            aux_terms = [layer.mlp.aux_loss for layer in self.model.layers
-                         if isinstance(layer.mlp, MoE) and layer.mlp.aux_loss is not None]
-            if aux_terms:
-                aux_loss = torch.stack(aux_terms).sum()
+        # MTP modules need the future tokens' labels, and only training uses them (decode never does).
+        run_mtp = bool(len(self.mtp)) and self.training and labels is not None and cache is None
+        mtp_loss = self._mtp_loss(input_ids, hidden, labels) if run_mtp else None
+        aux_loss = self._aux_loss(include_mtp=run_mtp) if self.training else None
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
             if aux_loss is not None:
                 loss = loss + aux_loss
-        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+            if mtp_loss is not None:
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, mtp_loss=mtp_loss)
+
+    def _aux_loss(self, include_mtp: bool) -> torch.Tensor | None:
+        """Sum of this forward's sequence-wise balance losses (None when off). MTP blocks count only when they ran
+        in this forward (otherwise their stored value is a previous forward's)."""
+        blocks = list(self.model.layers) + (list(self.mtp) if include_mtp else [])
+        terms = [block.mlp.aux_loss for block in blocks if isinstance(block.mlp, MoE) and block.mlp.aux_loss is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def _mtp_loss(self, input_ids: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(1/D) sum_k CE_k (DeepSeek-V3 eq. 24-25 without lambda): depth k at position i reads the previous depth's
+        hidden state h_i and the embedding of token i+k, and predicts labels[i+k+1]. Depth k covers the first
+        T-k positions (those whose input token exists). Depth 0's hidden state is the main model's output (after
+        its final norm: what the lm_head reads)."""
+        T = input_ids.shape[1]
+        cos, sin = self.model.rotary(torch.arange(T, device=input_ids.device))
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        losses = []
+        for depth, layer in enumerate(self.mtp, start=1):
+            n = T - depth
+            if n < 2:  # no position has a target this deep (the sequence is too short)
+                break
+            hidden, normed = layer(hidden[:, :n], self.model.embed_tokens(input_ids[:, depth:]), cos[:, :n], sin[:, :n])
+            losses.append(causal_lm_loss(self.lm_head(normed), labels[:, depth:]))
+        if not losses:
+            return hidden.new_zeros((), dtype=torch.float32)
+        return torch.stack(losses).sum() / len(self.mtp)
 
     def _cache_positions(self, input_ids, cache: MLACache, cache_rows):
         B, T = input_ids.shape
@@ -699,7 +735,8 @@ class K2ForCausalLM(nn.Module):
 
     # -- QK-Clip signal ----------------------------------------------------------------------------------------
     def attention_modules(self) -> list[MLA]:
-        return [layer.self_attn for layer in self.model.layers]
+        """MLA per main layer, then one per MTP module."""
+        return [layer.self_attn for layer in self.model.layers] + [layer.self_attn for layer in self.mtp]
 
     def set_record_max_logits(self, flag: bool) -> None:
         for attn in self.attention_modules():
@@ -708,22 +745,29 @@ class K2ForCausalLM(nn.Module):
                 attn.max_logits = None
 
     def max_attention_logits(self) -> torch.Tensor:
-        """[L, H] fp32: each layer's per-head max scaled logit from the last recorded training forward."""
+        """[L + D, H] fp32: each layer's (then each MTP module's) per-head max scaled logit from the last recorded
+        training forward."""
         values = [attn.max_logits for attn in self.attention_modules()]
         missing = [i for i, v in enumerate(values) if v is None]
         if missing:
+            mtp_note = ""
+            if any(i >= self.config.num_hidden_layers for i in missing):
+                mtp_note = (f"; indices >= {self.config.num_hidden_layers} are MTP modules, which run only in a "
+                            "training-mode forward with labels")
             raise RuntimeError(
                 f"no max attention logits recorded for layers {missing}: call set_record_max_logits(True) and run a "
-                "full-sequence forward (not a cached decode) first"
+                f"full-sequence forward (not a cached decode) first{mtp_note}"
             )
         return torch.stack(values)
 
     # -- router balancing and telemetry ------------------------------------------------------------------------
     def routers(self) -> list[Router]:
-        return [layer.mlp.gate for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        """The MoE layers' routers, then the MTP modules' (their biases balance like any other layer's)."""
+        blocks = list(self.model.layers) + list(self.mtp)
+        return [block.mlp.gate for block in blocks if isinstance(block.mlp, MoE)]
 
     def expert_load(self) -> torch.Tensor:
-        """[n_moe_layers, E] fp32 tokens routed to each expert since the last bias update."""
+        """[n_moe_layers + D, E] fp32 tokens routed to each expert since the last bias update (MTP rows last)."""
         routers = self.routers()
         if not routers:
             return torch.zeros(0, self.config.n_routed_experts)
@@ -805,3 +849,39 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             chunk.scatter_add_(1, safe_targets[start:end, None], minus_one[: end - start])
             grad[start:end] = chunk.mul_(scale[start:end, None])
         return grad, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-token prediction (DeepSeek-V3 report §2.2), training-only
+class MTPHeadNorm(nn.Module):
+    """The module's own final norm before the shared lm_head (`shared_head.norm` in the released layout; the
+    head itself is the main model's lm_head, which checkpoints may also store as `shared_head.head`)."""
+
+    def __init__(self, cfg: K2Config):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """MTP module of depth k: h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then one MoE decoder block
+    (MLA + MoE, the same class as the main layers), then `shared_head.norm` and the shared lm_head predict t_{i+k+1}.
+
+    The concatenation puts the embedding first, as the released DeepSeek-V3 weights expect (`eh_proj` = embedding
+    then hidden; the report's eq. 21 lists them the other way round). The embedding and lm_head are the main
+    model's (shared, not copied). Its MLA's layer index is num_hidden_layers + k - 1 (its key prefix in released
+    checkpoints); it is never given a decode cache. forward(hidden [B, n, H], next_embeds [B, n, H], cos, sin) ->
+    (h^k [B, n, H], the block output that the next depth reads; shared_head.norm(h^k), what the lm_head reads).
+    Every own weight is used inside forward, so the module can be an FSDP unit of its own."""
+
+    def __init__(self, cfg: K2Config, depth: int):
+        super().__init__(cfg, cfg.num_hidden_layers + depth - 1)  # index >= first_k_dense_replace: an MoE block
+        self.depth = depth
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = MTPHeadNorm(cfg)
+
+    def forward(self, hidden, next_embeds, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        mixed = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        out = super().forward(mixed, cos, sin)
+        return out, self.shared_head.norm(out)
