@@ -7,6 +7,14 @@ A checkpoint directory holds `config.json` and either one `model.safetensors` or
 Our model differs from the file layout in one place: each MoE layer's routed experts are stacked 3-D
 parameters (`model.layers.{i}.mlp.experts.gate_proj` [E, I, H], `.up_proj` [E, I, H], `.down_proj` [E, H, I]),
 while files hold one 2-D tensor per expert (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight` [I, H], ...).
+Multi-token-prediction modules (our `mtp.{k}.*`, k = 0..D-1) are stored as DeepSeek-V3 stores them: under
+`model.layers.{num_hidden_layers + k}.` (`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, then the usual block
+keys). DeepSeek-V3 also stores copies of the shared tensors there (`embed_tokens.weight`,
+`shared_head.head.weight`); saving writes them (serving stacks load the MTP head from them), loading accepts
+files with or without them and refuses a copy that differs from the main tensor (our model has one shared
+tensor; silently dropping a different trained head would be a half-load). A checkpoint whose config names MTP
+layers but holds none of their tensors (transformers writes `num_nextn_predict_layers: 1` by default and saves
+no MTP weights) loads as the main model alone; one holding some but not all MTP tensors is an error.
 Every other name is identical. This module maps between the two, in memory and on disk, and handles the
 block-FP8 format of the released weights (spec §1.4): a quantized Linear weight `W` is stored as
 `float8_e4m3fn` next to `W_scale_inv` (fp32, one value per 128x128 block), and `W = W_fp8 * scale_inv`.
@@ -63,6 +71,9 @@ SAVED_MODEL_TYPE = "deepseek_v3"
 _STACKED_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _PER_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_INDEX_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_OUR_MTP_RE = re.compile(r"^mtp\.(\d+)\.(.*)$")
+# Copies of the shared tensors inside an MTP layer of the released layout -> the main model's name
+_MTP_SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 # The Linear weights that DeepSeek-V3 / K2 store in block FP8: attention projections and every SwiGLU
 # projection (dense, shared expert, routed experts). Norms, the router gate, e_score_correction_bias,
 # the embedding and lm_head stay in high precision.
@@ -90,10 +101,29 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
+def _to_hf_name(name: str, num_hidden_layers: int | None) -> str:
+    """Our parameter name -> released name, before the per-expert split (`mtp.{k}.x` -> `model.layers.{L+k}.x`)."""
+    match = _OUR_MTP_RE.match(name)
+    if match is None:
+        return name
+    if num_hidden_layers is None:
+        raise CheckpointError(f"{name}: an MTP tensor, but the model has no config.num_hidden_layers to place it")
+    depth, rest = match.groups()
+    return f"model.layers.{num_hidden_layers + int(depth)}.{rest}"
+
+
 def iter_hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) one by one, in our module order; expert tensors are views of the stacked parameter."""
+    """Yield (HF name, tensor) one by one, in our module order; expert tensors are views of the stacked parameter.
+    MTP modules come out under `model.layers.{num_hidden_layers + k}.` (without the shared-tensor copies)."""
+    num_hidden_layers = _num_hidden_layers(model)
     for name, tensor in _model_tensors(model).items():
         tensor = tensor.detach()
+        name = _to_hf_name(name, num_hidden_layers)
         match = _STACKED_EXPERT_RE.match(name)
         if match is None:
             yield name, tensor
@@ -113,13 +143,27 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(iter_hf_tensors(model))
 
 
-def hf_name_to_target(name: str) -> tuple[str, int | None]:
-    """Map an HF tensor name to (our state-dict name, expert index or None)."""
+def hf_name_to_target(name: str, num_hidden_layers: int | None = None) -> tuple[str, int | None]:
+    """Map an HF tensor name to (our state-dict name, expert index or None). With `num_hidden_layers`, layers at
+    or past it are MTP modules (`model.layers.{L+k}.x` -> `mtp.{k}.x`)."""
+    expert = None
     match = _PER_EXPERT_RE.match(name)
-    if match is None:
-        return name, None
-    prefix, expert, projection = match.groups()
-    return f"{prefix}.{projection}", int(expert)
+    if match is not None:
+        prefix, expert_text, projection = match.groups()
+        name, expert = f"{prefix}.{projection}", int(expert_text)
+    layer = _layer_index(name)
+    if num_hidden_layers is not None and layer is not None and layer >= num_hidden_layers:
+        name = f"mtp.{layer - num_hidden_layers}." + name[len(f"model.layers.{layer}."):]
+    return name, expert
+
+
+def mtp_shared_copy_source(name: str, num_hidden_layers: int) -> str | None:
+    """For a released-layout copy of a shared tensor inside an MTP layer (`model.layers.{L+k}.embed_tokens.weight`,
+    `...shared_head.head.weight`), the main tensor it copies; else None."""
+    layer = _layer_index(name)
+    if layer is None or layer < num_hidden_layers:
+        return None
+    return _MTP_SHARED_COPIES.get(name[len(f"model.layers.{layer}."):])
 
 
 def _describe_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
@@ -155,14 +199,25 @@ def load_hf_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     Every key is checked before anything is copied: missing (when strict), unexpected and misshaped keys are
     reported together in one CheckpointError and the model is left untouched.
     """
-    problems = _describe_mismatch(hf_tensor_shapes(model), {k: tuple(v.shape) for k, v in state_dict.items()},
+    num_hidden_layers = _num_hidden_layers(model)
+    expected = hf_tensor_shapes(model)
+    copies = {}
+    if num_hidden_layers is not None and any(_OUR_MTP_RE.match(n) for n in _model_tensors(model)):
+        copies = {name: source for name in state_dict
+                  if (source := mtp_shared_copy_source(name, num_hidden_layers)) is not None}
+    problems = _describe_mismatch(expected, {k: tuple(v.shape) for k, v in state_dict.items() if k not in copies},
                                   strict=strict)
+    for name, source in copies.items():
+        if source in state_dict and not torch.equal(state_dict[name], state_dict[source]):
+            problems.append(f"{name} differs from {source}: the model shares one tensor; they must be equal")
     if problems:
         raise CheckpointError("state dict does not match the model:\n  " + "\n  ".join(problems))
     targets = _model_tensors(model)
     with torch.no_grad():
         for name, tensor in state_dict.items():
-            target_name, expert = hf_name_to_target(name)
+            if name in copies:
+                continue
+            target_name, expert = hf_name_to_target(name, num_hidden_layers)
             target = targets[target_name]
             (target if expert is None else target[expert]).copy_(tensor)
 
@@ -409,7 +464,7 @@ def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                     fp8: bool = False, fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK,
                     dtype: torch.dtype | None = None, tokenizer: Any = None,
-                    before_publish: Callable[[Path], None] | None = None) -> Path:
+                    before_publish: Callable[[Path], None] | None = None, mtp_shared_copies: bool = True) -> Path:
     """Write `model` as an HF-layout checkpoint at `path` (atomically: temp dir next to it, then rename).
 
     - `dtype`: cast floating tensors on the way out (default: keep the model's); the router's
@@ -418,10 +473,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size
       `quantization_config` in config.json (DeepSeek-V3 convention); other tensors as `dtype`.
     - `tokenizer`: an object with `save_pretrained(dir)` or `save(dir)`, written into the same checkpoint.
     - `before_publish(tmp_dir)`: add more files (e.g. trainer state) before the checkpoint becomes visible.
+    - `mtp_shared_copies`: with MTP modules, also write each one's copies of the embedding and lm_head
+      (`model.layers.{L+k}.embed_tokens.weight`, `.shared_head.head.weight`), as DeepSeek-V3 does.
     Returns the checkpoint path.
     """
     entries: list[_Entry] = []
-    for name, tensor in iter_hf_tensors(model):
+    for name, tensor in _tensors_to_save(model, mtp_shared_copies):
         if tensor.is_meta:
             raise CheckpointError(f"cannot save {name}: it is on the meta device (not materialized)")
         out_dtype = tensor.dtype
@@ -454,6 +511,31 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size
             before_publish(tmp_dir)
 
     return _write_checkpoint(path, config, entries, max_shard_size, add_extras)
+
+
+def _tensors_to_save(model: nn.Module, mtp_shared_copies: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """iter_hf_tensors, plus the MTP layers' copies of the shared embedding / lm_head right after each MTP layer's
+    own tensors (so a copy lands in the same shard region as its layer)."""
+    num_hidden_layers = _num_hidden_layers(model)
+    shared = {}
+    tensors = _model_tensors(model)
+    if mtp_shared_copies and num_hidden_layers is not None and any(_OUR_MTP_RE.match(n) for n in tensors):
+        shared = {source: tensors[source].detach() for source in _MTP_SHARED_COPIES.values() if source in tensors}
+    previous_layer = None
+    for name, tensor in iter_hf_tensors(model):
+        layer = _layer_index(name)
+        if shared and previous_layer is not None and layer != previous_layer and previous_layer >= num_hidden_layers:
+            yield from _shared_copies(previous_layer, shared)
+        previous_layer = layer
+        yield name, tensor
+    if shared and previous_layer is not None and previous_layer >= num_hidden_layers:
+        yield from _shared_copies(previous_layer, shared)
+
+
+def _shared_copies(layer: int, shared: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    for suffix, source in _MTP_SHARED_COPIES.items():
+        if source in shared:
+            yield f"model.layers.{layer}.{suffix}", shared[source]
 
 
 def _dominant_dtype(model: nn.Module) -> torch.dtype:
@@ -578,7 +660,7 @@ def _layer_index(name: str) -> int | None:
 
 
 def _mtp_layers(config: Mapping[str, Any]) -> range:
-    """Layer indices of multi-token-prediction modules (after the regular layers); K2 has none."""
+    """Layer indices of the multi-token-prediction modules the config declares (after the regular layers)."""
     num_layers = int(config.get("num_hidden_layers", 0))
     extra = config.get("num_nextn_predict_layers", config.get("num_mtp_layers", 0)) or 0
     return range(num_layers, num_layers + int(extra))
@@ -588,19 +670,27 @@ def _plan_load(infos: Mapping[str, _TensorInfo], expected: Mapping[str, tuple[in
                config: Mapping[str, Any], directory: Path) -> tuple[dict[str, str], int]:
     """Validate the whole checkpoint against the model before touching data.
 
+    MTP layers the model does not hold are skipped; in those it holds, the copies of the shared embedding /
+    lm_head are compared with the main tensors (chunk by chunk, from the files) instead of being loaded.
     Returns ({weight name: scale_inv name or ''}, number of skipped MTP tensors).
     """
     mtp = _mtp_layers(config)
     block = _fp8_block_size(config)
+    model_layers = {layer for name in expected if (layer := _layer_index(name)) is not None}
     found: dict[str, tuple[int, ...]] = {}
     where: dict[str, str] = {}
     scale_of: dict[str, str] = {}
+    copies: dict[str, str] = {}
     skipped = 0
     problems: list[str] = []
     for name, info in infos.items():
         layer = _layer_index(name)
-        if layer is not None and layer in mtp:
-            skipped += 1
+        if layer is not None and layer in mtp and layer not in model_layers:
+            skipped += 1  # an MTP module the model does not build
+            continue
+        source = mtp_shared_copy_source(name, mtp.start) if layer in mtp else None
+        if source is not None:
+            copies[name] = source
             continue
         if name.endswith(SCALE_SUFFIX):
             weight = name[: -len(SCALE_SUFFIX)]
@@ -621,10 +711,45 @@ def _plan_load(infos: Mapping[str, _TensorInfo], expected: Mapping[str, tuple[in
                                 f"{list(expected_grid) if expected_grid else '(a 2-D weight)'}")
             scale_of[name] = scale_name
     problems += _describe_mismatch(expected, found, where)
+    problems += _check_shared_copies(copies, infos)
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not match its config / the model:\n  "
                               + "\n  ".join(problems) + _config_hint(problems, config))
     return scale_of, skipped
+
+
+def _check_shared_copies(copies: Mapping[str, str], infos: Mapping[str, _TensorInfo],
+                         chunk_elements: int = 1 << 24) -> list[str]:
+    """Problems for MTP-layer copies of the embedding / lm_head that differ from the main tensor (compared in row
+    chunks of about `chunk_elements`, so no full extra copy is ever in memory)."""
+    problems = []
+    for name, source in sorted(copies.items()):
+        copy_info, main_info = infos[name], infos.get(source)
+        if main_info is None:
+            continue  # the missing main tensor is reported by the name check
+        if copy_info.shape != main_info.shape:
+            problems.append(f"{name} (in {copy_info.file}) has shape {list(copy_info.shape)} but the {source} it "
+                            f"copies has {list(main_info.shape)}")
+            continue
+        rows = copy_info.shape[0] if copy_info.shape else 1
+        step = max(1, chunk_elements // max(1, math.prod(copy_info.shape[1:])))
+        try:
+            with safe_open(str(copy_info.file), framework="pt") as f_copy, \
+                    safe_open(str(main_info.file), framework="pt") as f_main:
+                copy_slice, main_slice = f_copy.get_slice(name), f_main.get_slice(source)
+                for start in range(0, rows, step):
+                    a, b = copy_slice[start:start + step].float(), main_slice[start:start + step].float()
+                    if not torch.equal(a, b):
+                        diff = float((a - b).abs().max())
+                        problems.append(
+                            f"{name} (in {copy_info.file}) differs from {source} (in {main_info.file}) "
+                            f"(max |diff| {diff:.3g} in rows {start}..{min(rows, start + step) - 1}): openk2's MTP "
+                            f"modules share the main model's embedding and lm_head, so a stored copy must equal it; "
+                            f"remove or fix the copy")
+                        break
+        except SafetensorError as exc:
+            problems.append(f"{name}: failed comparing with {source} ({exc})")
+    return problems
 
 
 def _config_hint(problems: list[str], config: Mapping[str, Any]) -> str:
@@ -636,6 +761,9 @@ def _config_hint(problems: list[str], config: Mapping[str, Any]) -> str:
         hints.append(f"n_routed_experts={config.get('n_routed_experts')}")
     if "model.layers." in text:
         hints.append(f"num_hidden_layers={config.get('num_hidden_layers')}")
+        if len(_mtp_layers(config)):
+            hints.append(f"num_nextn_predict_layers={len(_mtp_layers(config))}: layers from "
+                         f"{config.get('num_hidden_layers')} on are multi-token-prediction modules")
     return f"\n  ({CONFIG_NAME} says {', '.join(hints)})" if hints else ""
 
 
@@ -671,13 +799,15 @@ def fp32_buffers(model: nn.Module) -> None:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> nn.Module:
+                    device: str | torch.device | None = None, *, mtp: bool = True) -> nn.Module:
     """Load an HF-layout checkpoint (or a run directory's latest checkpoint) into a new K2ForCausalLM.
 
     `dtype`: the model's floating dtype (default: config.json's torch_dtype / dtype, else float32; block-FP8
     weights are dequantized into it). The router's e_score_correction_bias stays fp32. The model is built on
     the meta device and allocated once; the checkpoint is validated from its file headers before any data is
     read, then copied tensor by tensor, so either the complete model is returned or CheckpointError is raised.
+    `mtp=False` builds the model without its multi-token-prediction modules (inference never runs them) and skips
+    their tensors.
     """
     from openk2.config import K2Config
 
@@ -690,7 +820,15 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{config_path}: {exc}") from exc
     dtype = dtype or _config_dtype(config_dict)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    read_checkpoint_headers(directory)  # fail on unreadable files before allocating the model
+    infos = read_checkpoint_headers(directory)  # fail on unreadable files before allocating the model
+    declared_mtp = _mtp_layers(config_dict)
+    if len(declared_mtp) and not any(_layer_index(name) in declared_mtp for name in infos):
+        # transformers writes num_nextn_predict_layers: 1 by default without MTP weights: the main model alone.
+        log.info("%s: %s says num_nextn_predict_layers=%d but the checkpoint holds no MTP tensors; loading the "
+                 "model without MTP modules", directory, CONFIG_NAME, len(declared_mtp))
+        config = config.replace(num_nextn_predict_layers=0)
+    if not mtp:
+        config = config.replace(num_nextn_predict_layers=0)
     model = _build_empty_model(config, dtype, device)
     load_hf_state_dict_from_dir(model, directory)
     model.eval()
@@ -700,7 +838,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 def load_hf_state_dict_from_dir(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a checkpoint directory's weights into an existing model, in place (e.g. to resume training).
 
-    The checkpoint's config.json decides FP8 block size and which layers are MTP (skipped). Every name, shape
+    The checkpoint's config.json decides FP8 block size and which layers are MTP (loaded into the model's MTP
+    modules; skipped when the model has fewer, e.g. none; missing when it has more). Every name, shape
     and scale is validated from the file headers before any data is copied; a read error after that (a file
     changed underneath us) raises CheckpointError and the model must be discarded.
     """
@@ -709,8 +848,9 @@ def load_hf_state_dict_from_dir(model: nn.Module, path: str | os.PathLike) -> No
     infos = read_checkpoint_headers(directory)
     scale_of, skipped = _plan_load(infos, hf_tensor_shapes(model), config_dict, directory)
     if skipped:
-        log.info("%s: skipped %d multi-token-prediction tensors (layers >= num_hidden_layers=%s; K2 has no MTP)",
-                 directory, skipped, config_dict.get("num_hidden_layers"))
+        log.info("%s: skipped %d multi-token-prediction tensors (layers >= num_hidden_layers=%s that the model does "
+                 "not build)", directory, skipped, config_dict.get("num_hidden_layers"))
+    num_hidden_layers = _num_hidden_layers(model)
     block = _fp8_block_size(config_dict)
     targets = _model_tensors(model)
     by_file: dict[Path, list[str]] = {}
@@ -731,7 +871,7 @@ def load_hf_state_dict_from_dir(model: nn.Module, path: str | os.PathLike) -> No
                         if reading not in handles:
                             handles[reading] = safe_open(str(reading), framework="pt", device="cpu")
                         tensor = dequantize_fp8_blockwise(tensor, handles[reading].get_tensor(scale_name), block)
-                    target_name, expert = hf_name_to_target(name)
+                    target_name, expert = hf_name_to_target(name, num_hidden_layers)
                     target = targets[target_name]
                     (target if expert is None else target[expert]).copy_(tensor)
                     del tensor

@@ -6,6 +6,15 @@ accepts the spellings newer transformers (5.x) writes (`rope_parameters`, `dtype
 written back. Contradictory values raise ValueError naming the field.
 
 `openk2 info [--preset NAME | --config FILE]` prints a config and its parameter counts.
+
+The `k2` preset and the report's figures: the preset is the pre-training shape, the released config plus one
+DeepSeek-V3-style multi-token-prediction (MTP) module (`num_nextn_predict_layers: 1`). It counts 1.0436T total
+parameters (report: 1.04T, Table 2; base model 1043B, Table 4) and 32.86B activated (report: 32.6B; +0.8%).
+Activated is the main model's per-token path: the MTP module only trains (as DeepSeek-V3's 37B activated
+excludes its MTP module). The released Instruct config has `num_nextn_predict_layers: 0` (UNVERIFIED third-party
+copies) and no MTP weights: that shape is `total_without_mtp`, 1.0264T, 1.3% under 1.04T. The MTP module is one
+MoE block (17.06B: 384 experts x 3 x 7168 x 2048, shared expert, MLA) + eh_proj (2 x 7168 -> 7168) + 3 norms =
+17.16B; it shares the embedding and lm_head, which are not counted twice. `openk2 info` shows both totals.
 """
 
 from __future__ import annotations
@@ -72,7 +81,13 @@ class K2Config:
     # Sequence-wise balance loss (DeepSeek-V3): active in training when aux_loss_alpha > 0 and seq_aux is true.
     aux_loss_alpha: float = 0.001
     seq_aux: bool = True
-    num_nextn_predict_layers: int = 0  # MTP modules; openk2 builds none (K2 released none)
+    # Multi-token prediction (DeepSeek-V3 §2.2): D sequential MTP modules after the main model, each one more
+    # MoE block predicting one token further ahead. Training-only (inference ignores them). The released
+    # Instruct config says 0; the pre-training shape (`k2` preset, the report's 1043B) has 1.
+    num_nextn_predict_layers: int = 0
+    # Training loss = main CE + mtp_loss_weight * mean over depths of the MTP CE (DeepSeek-V3: 0.3, later 0.1).
+    # An openk2 key: the released configs do not have it, and it changes nothing at inference.
+    mtp_loss_weight: float = 0.3
     quantization_config: dict | None = None
     torch_dtype: str | None = "bfloat16"
     model_type: str = "kimi_k2"
@@ -157,8 +172,12 @@ class K2Config:
                 fail("rope_scaling", "yarn needs a positive 'factor'")
             if "original_max_position_embeddings" not in self.rope_scaling:
                 fail("rope_scaling", "yarn needs 'original_max_position_embeddings'")
-        if self.num_nextn_predict_layers < 0:
-            fail("num_nextn_predict_layers", "must be >= 0")
+        if (not isinstance(self.num_nextn_predict_layers, int) or isinstance(self.num_nextn_predict_layers, bool)
+                or self.num_nextn_predict_layers < 0):
+            fail("num_nextn_predict_layers", "must be a non-negative integer")
+        if not isinstance(self.mtp_loss_weight, (int, float)) or not math.isfinite(self.mtp_loss_weight) \
+                or self.mtp_loss_weight < 0:
+            fail("mtp_loss_weight", "must be a finite number >= 0")
 
     # ----------------------------------------------------------------------------------------------------------
     # Serialization
@@ -257,11 +276,18 @@ class K2Config:
     def param_counts(self) -> dict[str, int]:
         """Parameter counts by component, matching the instantiated K2ForCausalLM's parameters exactly.
 
-        `active` counts what one token touches: embedding row table and lm_head in full (as the K2 report's 32.6B
-        does), every attention / dense / norm weight, the routers, the shared experts and `num_experts_per_tok`
-        routed experts per MoE layer. Buffers (the router bias) are not parameters and are not counted.
-        `mtp_module` is the size one DeepSeek-V3 MTP module would have (not built by openk2; reported because the
-        paper's 1.04T / 1043B figures match total + one such module).
+        - `total`: every parameter the model holds, MTP modules included (the report's 1043B base-model figure
+          counts the one MTP module of the pre-training shape).
+        - `total_without_mtp`: the main model alone, i.e. the released (MTP-free) checkpoint's shape.
+        - `active`: what one token touches on the main model's path: embedding row table and lm_head in full (as
+          the report's 32.6B does), every attention / dense / norm weight, the routers, the shared experts and
+          `num_experts_per_tok` routed experts per MoE layer. MTP modules are excluded (they only run in
+          training, as DeepSeek-V3's 37B activated excludes its MTP module).
+        - `mtp_module`: one MTP module's own parameters (enorm, hnorm, eh_proj, one MoE block, shared_head.norm;
+          the embedding and lm_head are shared with the main model and not counted again);
+          `mtp_module_active`: the part of it one token touches; `mtp_total` = num_nextn_predict_layers x
+          mtp_module.
+        Buffers (the router bias) are not parameters and are not counted.
         """
         H, nh = self.hidden_size, self.num_attention_heads
         bias = self.attention_bias
@@ -284,9 +310,13 @@ class K2Config:
         n_dense, n_moe = self.first_k_dense_replace, self.num_moe_layers
         common = embed + lm_head + self.num_hidden_layers * attention + n_dense * dense_mlp + norms
         common += n_moe * (shared + router)
-        total = common + n_moe * self.n_routed_experts * expert
+        total_without_mtp = common + n_moe * self.n_routed_experts * expert
         active = common + n_moe * self.num_experts_per_tok * expert
-        mtp_module = attention + layer_norms + shared + router + self.n_routed_experts * expert + 2 * H * H + 3 * H
+        # One MTP module: an MoE decoder block + eh_proj [H, 2H] + enorm, hnorm, shared_head.norm.
+        mtp_block_common = attention + layer_norms + shared + router + 2 * H * H + 3 * H
+        mtp_module = mtp_block_common + self.n_routed_experts * expert
+        mtp_module_active = mtp_block_common + self.num_experts_per_tok * expert
+        mtp_total = self.num_nextn_predict_layers * mtp_module
         return {
             "embed": embed,
             "lm_head": lm_head,
@@ -296,9 +326,12 @@ class K2Config:
             "shared_experts_per_layer": shared,
             "router_per_layer": router,
             "norms": norms,
-            "total": total,
+            "total": total_without_mtp + mtp_total,
+            "total_without_mtp": total_without_mtp,
             "active": active,
             "mtp_module": mtp_module,
+            "mtp_module_active": mtp_module_active,
+            "mtp_total": mtp_total,
         }
 
     def num_parameters(self, active: bool = False) -> int:
@@ -316,16 +349,24 @@ class K2Config:
 def flops_per_token(cfg: K2Config, seq_len: int) -> float:
     """Model FLOPs per token for one training step (forward + backward), the MFU numerator.
 
-        flops = 6 * N_matmul + 6 * L * H_heads * (qk_head_dim + v_head_dim) * seq_len / 2
+        flops = 6 * N_matmul + 6 * (L + D) * H_heads * (qk_head_dim + v_head_dim) * seq_len / 2
 
     N_matmul = active parameters that take part in a matmul (active minus the embedding table and the norms: an
     embedding lookup does no FLOPs). Each matmul weight costs 2 FLOPs per token forward, 4 backward. The attention
     term counts QK^T (qk_head_dim) and PV (v_head_dim) per head, 2 FLOPs per multiply-add, x3 for backward, over the
     causal half of the seq_len x seq_len score matrix (average context seq_len / 2).
+    With D = num_nextn_predict_layers MTP modules (they run in every training step), N_matmul also counts, per
+    module, its block's active matmul weights, eh_proj and another pass through the shared lm_head, and the
+    attention term its block (over seq_len; the module sees seq_len - k positions, a negligible difference).
     """
     counts = cfg.param_counts()
     n_matmul = counts["active"] - counts["embed"] - counts["norms"]
-    attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    depth = cfg.num_nextn_predict_layers
+    if depth:
+        mtp_norms = 2 * cfg.hidden_size + 3 * cfg.hidden_size  # block norms + enorm, hnorm, shared_head.norm
+        n_matmul += depth * (counts["mtp_module_active"] - mtp_norms + counts["lm_head"])
+    layers = cfg.num_hidden_layers + depth
+    attention = 6 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
     return 6.0 * n_matmul + attention
 
 
@@ -354,7 +395,9 @@ def _small() -> dict:
 
 
 def _k2() -> dict:
-    return dict(quantization_config={
+    # The pre-training shape: the released config plus the one MTP module that the report's 1043B base-model
+    # count (Table 4) includes; `num_nextn_predict_layers=0` gives the released (Instruct) shape, 1.026T.
+    return dict(num_nextn_predict_layers=1, quantization_config={
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
     })
 
@@ -402,8 +445,14 @@ def main(argv: list[str] | None = None) -> int:
         (f"shared experts ({n_moe} layers)", n_moe * counts["shared_experts_per_layer"]),
         (f"routers ({n_moe} layers)", n_moe * counts["router_per_layer"]),
         ("norms", counts["norms"]),
-        ("total", counts["total"]),
-        (f"active per token (top-{cfg.num_experts_per_tok})", counts["active"]),
+    ]
+    depth = cfg.num_nextn_predict_layers
+    if depth:
+        rows.append((f"MTP modules ({depth} x 1 MoE block + eh_proj + 3 norms)", counts["mtp_total"]))
+        rows.append(("total without MTP (released shape)", counts["total_without_mtp"]))
+    rows += [
+        ("total" + (" with MTP" if depth else ""), counts["total"]),
+        (f"active per token (top-{cfg.num_experts_per_tok}, main model)", counts["active"]),
     ]
     ptable = Table(title="parameters")
     ptable.add_column("component")
@@ -413,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         ptable.add_row(label, f"{n:,}", _human(n))
     console.print(ptable)
     fpt = flops_per_token(cfg, args.seq_len)
-    console.print(f"train FLOPs/token at seq_len {args.seq_len}: {_human(fpt)}  (6*N_active_matmul + attention)")
+    console.print(f"train FLOPs/token at seq_len {args.seq_len}: {_human(fpt)}  (6*N_active_matmul + attention"
+                  + (f"; includes the {depth} MTP module(s))" if depth else ")"))
+    if depth:
+        console.print("MTP modules train only (generation ignores them); active excludes them, as DeepSeek-V3's "
+                      "37B does. num_nextn_predict_layers=0 gives the released shape.")
     console.print(
         f"decode KV cache per token (bf16): absorbed MLA {cfg.kv_cache_bytes_per_token():,} B vs per-head K/V "
         f"{cfg.kv_cache_bytes_per_token(absorbed=False):,} B"

@@ -2,6 +2,11 @@
 
     embed -> [RMSNorm -> MLA -> +residual -> RMSNorm -> (dense SwiGLU | MoE) -> +residual] x L -> RMSNorm -> lm_head
 
+Optionally (config.num_nextn_predict_layers = D > 0) D multi-token-prediction modules (`MTPLayer`, at the bottom of
+this file) train alongside: module k predicts token t+k+1 from the previous depth's hidden state and the embedding
+of token t+k, through one more MoE block and the shared lm_head. They only run in a training forward with labels;
+generation ignores them.
+
 Parameter names equal the released Hugging Face names, except the routed experts, which are stacked 3-D parameters
 (`mlp.experts.gate_proj` [E, I, H], `.up_proj` [E, I, H], `.down_proj` [E, H, I]); `openk2.checkpoint` maps them.
 Contracts other modules rely on are in docs/architecture.md ("Model contract").
@@ -28,7 +33,7 @@ from openk2.config import K2Config, flops_per_token
 
 __all__ = [
     "K2Config", "CausalLMOutput", "RMSNorm", "RotaryEmbedding", "MLA", "MLP", "Router", "RoutedExperts", "MoE",
-    "DecoderLayer", "K2Model", "K2ForCausalLM", "MLACache", "causal_lm_loss", "flops_per_token",
+    "DecoderLayer", "K2Model", "K2ForCausalLM", "MLACache", "MTPLayer", "causal_lm_loss", "flops_per_token",
 ]
 
 IGNORE_INDEX = -100
@@ -39,6 +44,9 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    # Mean over the MTP depths of their cross-entropies (unweighted, so it reads like `loss`); `loss` includes
+    # config.mtp_loss_weight * mtp_loss. None unless MTP modules ran (training forward with labels).
+    mtp_loss: torch.Tensor | None = None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -575,9 +583,10 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights, run by a sorted grouped dispatch (no Python loop over experts).
 
     forward(x [N, H], topk_idx [N, k], topk_weight [N, k]) -> [N, H] = sum_j w_j * Expert_{idx_j}(x).
-    Assignments are sorted by expert so each expert's tokens are one contiguous slice, then
-    `torch._grouped_mm` (fp32) or a padded batched matmul (bf16, or where _grouped_mm is missing) runs all
-    experts at once; decode-sized batches (N * k <= E) gather the selected experts' weights instead.
+    The N*k assignments are laid out in a buffer where each expert owns one contiguous group of rows (one gather
+    of x), `torch._grouped_mm` runs all groups at once (or, where it is missing or under torch.compile on CPU, a
+    batched matmul over groups padded to a common capacity), and the weighted results are index-added back to
+    their tokens. Decode-sized batches (N * k <= E) take the selected experts' weights directly instead.
     Under autocast the experts compute in the autocast dtype (bf16), like every other matmul.
     Expert parallelism replaces this module wholesale (same forward signature)."""
 
@@ -587,9 +596,9 @@ class RoutedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        # "auto": torch._grouped_mm in fp32; under bf16 (and where _grouped_mm is missing) the padded batched
-        # matmul, whose capacity is rounded up to `capacity_multiple` rows: on CPU, low-precision matmuls build a
-        # kernel per new shape, and _grouped_mm sees new per-expert shapes at every step.
+        # dispatch: "auto" | "grouped_mm" | "padded_bmm". Group sizes are rounded up to `capacity_multiple` rows
+        # where a new matmul shape is expensive: CPU low-precision matmuls build (and cache) a kernel per shape, so
+        # unrounded per-expert counts would build new kernels at every step.
         self.dispatch = "auto"
         self.capacity_multiple = 64
 
@@ -605,28 +614,32 @@ class RoutedExperts(nn.Module):
         weights = [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]  # no-op unless autocast
         dispatch = self.dispatch
         if dispatch == "auto":
-            # _grouped_mm: the CUDA kernel is bf16 (and what torch.compile's shape rules accept); the eager CPU kernel
-            # is fast in fp32 only (bf16 on CPU builds a kernel per new group shape), so CPU bf16 and compiled CPU
-            # fp32 take the padded bmm.
-            on_cuda = x.device.type == "cuda"
-            grouped_ok = hasattr(torch, "_grouped_mm") and (
-                (on_cuda and dtype == torch.bfloat16)
-                or (not on_cuda and dtype == torch.float32 and not torch.compiler.is_compiling()))
-            dispatch = "grouped_mm" if grouped_ok else "padded_bmm"
-        if dispatch == "grouped_mm":
-            order = torch.argsort(flat_expert, stable=True)  # assignment slots grouped by expert
-            counts = torch.bincount(flat_expert, minlength=self.num_experts)
-            x_sorted = x.index_select(0, order // k).to(dtype)  # [N*k, H]; backward is an index_add
-            y_sorted = self._grouped_mm_swiglu(x_sorted, counts, *weights)
-            y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, slot) order
+            # torch.compile's shape rules for _grouped_mm accept bf16 only (the CUDA kernel's dtype); eager CPU runs it
+            # in any dtype. Compiled CPU graphs take the padded bmm.
+            compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
+            dispatch = "grouped_mm" if hasattr(torch, "_grouped_mm") and not compiled_cpu else "padded_bmm"
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        if dispatch == "padded_bmm":
+            capacity = -(-int(counts.max()) // self.capacity_multiple) * self.capacity_multiple
+            group_sizes = torch.full_like(counts, capacity)
+        elif x.device.type == "cpu" and dtype != torch.float32:
+            group_sizes = (counts + self.capacity_multiple - 1) // self.capacity_multiple * self.capacity_multiple
         else:
-            y = self._padded_bmm_swiglu(x.to(dtype), flat_expert, k, *weights)
-        # weighted sum over the k slots as one batched matmul (fp32 accumulation inside the kernel)
-        y = torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y.view(N, k, -1)).squeeze(1)
-        return y.to(x.dtype)
+            group_sizes = counts
+        rows, source = _expert_buffer_layout(flat_expert, counts, group_sizes, k, group_sizes is counts)
+        buffer = torch.cat((x.to(dtype), x.new_zeros(1, x.shape[-1], dtype=dtype))).index_select(0, source)
+        if dispatch == "padded_bmm":
+            y = self._padded_bmm_swiglu(buffer.view(self.num_experts, -1, x.shape[-1]), *weights)
+        else:
+            y = self._grouped_mm_swiglu(buffer, group_sizes, *weights)
+        # weight each row by its assignment's routing weight (padding rows: 0) and add it to its token
+        row_weight = topk_weight.new_zeros(buffer.shape[0]).scatter(0, rows, topk_weight.reshape(-1)).to(dtype)
+        out = buffer.new_zeros(N + 1, x.shape[-1]).index_add(0, source, y * row_weight.unsqueeze(1))
+        return out[:N].to(x.dtype)
 
-    def _grouped_mm_swiglu(self, xs, counts, gate, up, down):
-        offsets = counts.cumsum(0).to(torch.int32)
+    @staticmethod
+    def _grouped_mm_swiglu(xs, group_sizes, gate, up, down):
+        offsets = group_sizes.cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offsets))
         h = h * torch._grouped_mm(xs, up.transpose(-2, -1), offs=offsets)
         return torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
@@ -679,24 +692,29 @@ class RoutedExperts(nn.Module):
         y = torch.bmm(h, down.transpose(1, 2)).view(N, k, -1)
         return torch.bmm(topk_weight.unsqueeze(1).to(y.dtype), y).squeeze(1).to(x.dtype)
 
-    def _padded_bmm_swiglu(self, x, flat_expert, k, gate, up, down):
-        """All experts as one bmm per projection over a zero-padded [E, capacity, H] buffer. Assignment a (token
-        a // k) goes to row expert * capacity + (its rank among that expert's assignments); the buffer is one
-        gather of x (padding rows read an appended zero row), the result one gather back in (token, slot) order,
-        so both backward passes are single index_adds."""
-        E, H, assignments = self.num_experts, x.shape[-1], flat_expert.numel()
-        counts = torch.bincount(flat_expert, minlength=E)
-        capacity = -(-int(counts.max()) // self.capacity_multiple) * self.capacity_multiple
-        order = torch.argsort(flat_expert, stable=True)
-        starts = counts.cumsum(0) - counts
-        sorted_expert = flat_expert[order]
-        rank = torch.arange(assignments, device=x.device) - starts[sorted_expert]
-        rows = torch.empty_like(order).scatter_(0, order, sorted_expert * capacity + rank)  # per assignment
-        source = torch.full((E * capacity,), x.shape[0], dtype=torch.long, device=x.device)
-        source.scatter_(0, rows, torch.arange(assignments, device=x.device) // k)
-        padded = torch.cat((x, x.new_zeros(1, H))).index_select(0, source).view(E, capacity, H)
+    @staticmethod
+    def _padded_bmm_swiglu(padded, gate, up, down):
+        """padded [E, capacity, H] -> [E * capacity, H]: one batched matmul per projection."""
         h = F.silu(torch.bmm(padded, gate.transpose(-2, -1))) * torch.bmm(padded, up.transpose(-2, -1))
-        return torch.bmm(h, down.transpose(-2, -1)).view(E * capacity, H).index_select(0, rows)
+        return torch.bmm(h, down.transpose(-2, -1)).flatten(0, 1)
+
+
+def _expert_buffer_layout(flat_expert: torch.Tensor, counts: torch.Tensor, group_sizes: torch.Tensor, k: int,
+                          exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a buffer in which expert e owns group_sizes[e] consecutive rows (>= counts[e]; the rest padding).
+    Returns rows [N*k] (each assignment's buffer row, in (token, slot) order) and source [R] (the token each
+    buffer row reads; padding rows read token N, an appended zero row). `exact`: no padding, so R = N*k is known
+    without reading group_sizes back from the device."""
+    assignments = flat_expert.numel()
+    order = torch.argsort(flat_expert, stable=True)
+    sorted_expert = flat_expert[order]
+    rank = torch.arange(assignments, device=flat_expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
+    group_start = group_sizes.cumsum(0) - group_sizes
+    rows = torch.empty_like(order).scatter_(0, order, group_start[sorted_expert] + rank)
+    total = assignments if exact else int(group_sizes.sum())
+    source = torch.full((total,), assignments // k, dtype=torch.long, device=flat_expert.device)
+    source.scatter_(0, rows, torch.arange(assignments, device=flat_expert.device) // k)
+    return rows, source
 
 
 class MoE(nn.Module):
@@ -780,6 +798,8 @@ class K2ForCausalLM(nn.Module):
         self.config = config
         self.model = K2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Multi-token prediction modules, depth 1..D (empty for the released shape): training-only.
+        self.mtp = nn.ModuleList(MTPLayer(config, depth) for depth in range(1, config.num_nextn_predict_layers + 1))
         self.reset_parameters()
 
     # -- init ----------------------------------------------------------------------------------------------------
@@ -819,18 +839,44 @@ class K2ForCausalLM(nn.Module):
             logits = _linear(hidden, self.lm_head)
             cache.lengths[rows] += input_ids.shape[1]
 
-        aux_loss = None
-        if self.training:
-            aux_terms = [layer.mlp.aux_loss for layer in self.model.layers
-                         if isinstance(layer.mlp, MoE) and layer.mlp.aux_loss is not None]
-            if aux_terms:
-                aux_loss = torch.stack(aux_terms).sum()
+        # MTP modules need the future tokens' labels, and only training uses them (decode never does).
+        run_mtp = bool(len(self.mtp)) and self.training and labels is not None and cache is None
+        mtp_loss = self._mtp_loss(input_ids, hidden, labels) if run_mtp else None
+        aux_loss = self._aux_loss(include_mtp=run_mtp) if self.training else None
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
             if aux_loss is not None:
                 loss = loss + aux_loss
-        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+            if mtp_loss is not None:
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, mtp_loss=mtp_loss)
+
+    def _aux_loss(self, include_mtp: bool) -> torch.Tensor | None:
+        """Sum of this forward's sequence-wise balance losses (None when off). MTP blocks count only when they ran
+        in this forward (otherwise their stored value is a previous forward's)."""
+        blocks = list(self.model.layers) + (list(self.mtp) if include_mtp else [])
+        terms = [block.mlp.aux_loss for block in blocks if isinstance(block.mlp, MoE) and block.mlp.aux_loss is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def _mtp_loss(self, input_ids: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(1/D) sum_k CE_k (DeepSeek-V3 eq. 24-25 without lambda): depth k at position i reads the previous depth's
+        hidden state h_i and the embedding of token i+k, and predicts labels[i+k+1]. Depth k covers the first
+        T-k positions (those whose input token exists). Depth 0's hidden state is the main model's output (after
+        its final norm: what the lm_head reads)."""
+        T = input_ids.shape[1]
+        cos, sin = self.model.rotary(torch.arange(T, device=input_ids.device))
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        losses = []
+        for depth, layer in enumerate(self.mtp, start=1):
+            n = T - depth
+            if n < 2:  # no position has a target this deep (the sequence is too short)
+                break
+            hidden, normed = layer(hidden[:, :n], self.model.embed_tokens(input_ids[:, depth:]), cos[:, :n], sin[:, :n])
+            losses.append(causal_lm_loss(self.lm_head(normed), labels[:, depth:]))
+        if not losses:
+            return hidden.new_zeros((), dtype=torch.float32)
+        return torch.stack(losses).sum() / len(self.mtp)
 
     def _plan_cache_step(self, input_ids, cache: MLACache, cache_rows) -> CacheStep:
         """Validate cache_rows against the cache and plan the write/read (one host read of the row lengths)."""
@@ -881,7 +927,8 @@ class K2ForCausalLM(nn.Module):
 
     # -- QK-Clip signal ----------------------------------------------------------------------------------------
     def attention_modules(self) -> list[MLA]:
-        return [layer.self_attn for layer in self.model.layers]
+        """MLA per main layer, then one per MTP module."""
+        return [layer.self_attn for layer in self.model.layers] + [layer.self_attn for layer in self.mtp]
 
     def set_record_max_logits(self, flag: bool) -> None:
         for attn in self.attention_modules():
@@ -890,22 +937,29 @@ class K2ForCausalLM(nn.Module):
                 attn.max_logits = None
 
     def max_attention_logits(self) -> torch.Tensor:
-        """[L, H] fp32: each layer's per-head max scaled logit from the last recorded training forward."""
+        """[L + D, H] fp32: each layer's (then each MTP module's) per-head max scaled logit from the last recorded
+        training forward."""
         values = [attn.max_logits for attn in self.attention_modules()]
         missing = [i for i, v in enumerate(values) if v is None]
         if missing:
+            mtp_note = ""
+            if any(i >= self.config.num_hidden_layers for i in missing):
+                mtp_note = (f"; indices >= {self.config.num_hidden_layers} are MTP modules, which run only in a "
+                            "training-mode forward with labels")
             raise RuntimeError(
                 f"no max attention logits recorded for layers {missing}: call set_record_max_logits(True) and run a "
-                "full-sequence forward (not a cached decode) first"
+                f"full-sequence forward (not a cached decode) first{mtp_note}"
             )
         return torch.stack(values)
 
     # -- router balancing and telemetry ------------------------------------------------------------------------
     def routers(self) -> list[Router]:
-        return [layer.mlp.gate for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        """The MoE layers' routers, then the MTP modules' (their biases balance like any other layer's)."""
+        blocks = list(self.model.layers) + list(self.mtp)
+        return [block.mlp.gate for block in blocks if isinstance(block.mlp, MoE)]
 
     def expert_load(self) -> torch.Tensor:
-        """[n_moe_layers, E] fp32 tokens routed to each expert since the last bias update."""
+        """[n_moe_layers + D, E] fp32 tokens routed to each expert since the last bias update (MTP rows last)."""
         routers = self.routers()
         if not routers:
             return torch.zeros(0, self.config.n_routed_experts)
@@ -987,3 +1041,39 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             chunk.scatter_add_(1, safe_targets[start:end, None], minus_one[: end - start])
             grad[start:end] = chunk.mul_(scale[start:end, None])
         return grad, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-token prediction (DeepSeek-V3 report §2.2), training-only
+class MTPHeadNorm(nn.Module):
+    """The module's own final norm before the shared lm_head (`shared_head.norm` in the released layout; the
+    head itself is the main model's lm_head, which checkpoints may also store as `shared_head.head`)."""
+
+    def __init__(self, cfg: K2Config):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """MTP module of depth k: h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then one MoE decoder block
+    (MLA + MoE, the same class as the main layers), then `shared_head.norm` and the shared lm_head predict t_{i+k+1}.
+
+    The concatenation puts the embedding first, as the released DeepSeek-V3 weights expect (`eh_proj` = embedding
+    then hidden; the report's eq. 21 lists them the other way round). The embedding and lm_head are the main
+    model's (shared, not copied). Its MLA's layer index is num_hidden_layers + k - 1 (its key prefix in released
+    checkpoints); it is never given a decode cache. forward(hidden [B, n, H], next_embeds [B, n, H], cos, sin) ->
+    (h^k [B, n, H], the block output that the next depth reads; shared_head.norm(h^k), what the lm_head reads).
+    Every own weight is used inside forward, so the module can be an FSDP unit of its own."""
+
+    def __init__(self, cfg: K2Config, depth: int):
+        super().__init__(cfg, cfg.num_hidden_layers + depth - 1)  # index >= first_k_dense_replace: an MoE block
+        self.depth = depth
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = MTPHeadNorm(cfg)
+
+    def forward(self, hidden, next_embeds, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        mixed = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        out = super().forward(mixed, cos, sin)
+        return out, self.shared_head.norm(out)

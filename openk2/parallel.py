@@ -396,7 +396,7 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
             f"parallelize: {type(model).__name__} has no `model.layers`; expected the K2ForCausalLM layout "
             "(docs/architecture.md)"
         )
-    return list(layers)
+    return list(layers) + list(getattr(model, "mtp", []))  # MTP modules are decoder blocks too (own FSDP units)
 
 
 def _apply_expert_parallel(model: nn.Module, ctx: DistContext) -> list[nn.Module]:

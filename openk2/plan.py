@@ -235,6 +235,21 @@ def geometry(cfg: Any) -> Geometry:
                 flops_per_token=6.0 * (attention + shared + router + top_k * expert),
                 muon_shapes=tuple(attention_shapes + shared_shapes + [(n_experts, hidden)]),
                 expert_shapes=((moe_inter, hidden), (moe_inter, hidden), (hidden, moe_inter))))
+    # Multi-token-prediction modules (training-only): an MoE block + eh_proj [H, 2H] + 3 norms each, placed after
+    # the last layer (the last pipeline stage, next to the lm_head they share; their pass through it is counted
+    # here). The embedding they also read is not duplicated on that stage in this model.
+    for depth in range(int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)):
+        attention, shared, router = counts["attention_per_layer"], counts["shared_experts_per_layer"], counts["router_per_layer"]
+        eh_proj, mtp_norms = 2.0 * hidden * hidden, 3.0 * hidden
+        shared_shapes = [(shared_inter, hidden)] * 2 + [(hidden, shared_inter)] if shared_inter else []
+        layers.append(LayerCost(
+            index=layers_n + depth, is_moe=True,
+            replicated_params=attention + shared + router + norms_per_layer + eh_proj + mtp_norms,
+            expert_params=n_experts * counts["routed_expert"], adamw_params=adamw_per_layer + mtp_norms,
+            flops_per_token=6.0 * (attention + shared + router + top_k * counts["routed_expert"] + eh_proj
+                                   + counts["lm_head"]),
+            muon_shapes=tuple(attention_shapes + shared_shapes + [(n_experts, hidden), (hidden, 2 * hidden)]),
+            expert_shapes=((moe_inter, hidden), (moe_inter, hidden), (hidden, moe_inter))))
     return Geometry(
         cfg=cfg, counts=counts, layers=layers, hidden=hidden, vocab=int(cfg.vocab_size), n_experts=n_experts,
         top_k=top_k, moe_inter=moe_inter, shared_inter=shared_inter, dense_inter=dense_inter, heads=heads,
@@ -435,7 +450,7 @@ def validate(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware) -> i
     if layout.pp * layout.virtual_stages > geo.num_layers:
         raise PlanError(f"--pp {layout.pp} × --virtual-stages {layout.virtual_stages} = "
                         f"{layout.pp * layout.virtual_stages} pipeline chunks, but the model has "
-                        f"{geo.num_layers} layers (num_hidden_layers); each chunk needs at least one layer")
+                        f"{geo.num_layers} layers (num_hidden_layers + MTP modules); each chunk needs at least one layer")
     if layout.virtual_stages > 1 and layout.pp == 1:
         raise PlanError("--virtual-stages > 1 needs --pp > 1 (interleaving is a pipeline schedule)")
     if geo.n_experts % layout.ep:

@@ -7,7 +7,8 @@ detector, and atomic checkpoints that resume bit-identically. Data comes from an
 
 Run directory layout:
     RUN_DIR/train_config.json        the resolved TrainConfig
-    RUN_DIR/metrics.jsonl            one JSON object per step (+ val_loss on validation steps)
+    RUN_DIR/metrics.jsonl            one JSON object per step (+ val_loss on validation steps, + mtp_loss when
+                                     the model has multi-token-prediction modules)
     RUN_DIR/checkpoints/step_NNNNNN/ HF-layout model + tokenizer + trainer_state.pt (optimizer, data, RNG, ...)
     RUN_DIR/checkpoints/latest       names the newest complete checkpoint (written last, atomically)
     RUN_DIR/plots/*.png
@@ -51,6 +52,8 @@ class TrainConfig:
     preset: str = "small"
     model_config: str | None = None  # a config.json path; overrides the preset
     init_from: str | None = None  # start from these weights (HF dir or RUN_DIR) instead of random init
+    mtp_layers: int | None = None  # multi-token-prediction modules to train (None: as the model config says)
+    mtp_loss_weight: float | None = None  # weight of the mean MTP loss (None: the model config's, 0.3 by default)
     # data
     data: list[str] = field(default_factory=list)  # empty: the embedded default corpus
     text_field: str = "text"
@@ -119,6 +122,9 @@ class TrainConfig:
         need(self.lr > 0, "lr", "must be > 0")
         need(0 <= self.decay_fraction <= 1, "decay_fraction", "must be in [0, 1]")
         need(self.qk_clip_tau is None or self.qk_clip_tau > 0, "qk_clip_tau", "must be > 0 or None")
+        need(self.mtp_layers is None or (isinstance(self.mtp_layers, int) and self.mtp_layers >= 0), "mtp_layers",
+             "must be an integer >= 0 or None")
+        need(self.mtp_loss_weight is None or self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0 or None")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,7 +287,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * mult
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, mtp_loss_sum, n_tokens = 0.0, None, 0
         for _ in range(cfg.grad_accum):
             input_ids, labels = self.batches.next_batch()
             input_ids, labels = input_ids.to(self.device), labels.to(self.device)
@@ -289,12 +295,17 @@ class Trainer:
                 out = self.forward(input_ids, labels=labels)
             (out.loss / cfg.grad_accum).backward()
             loss_sum += float(out.loss.detach())
+            if out.mtp_loss is not None:
+                mtp_loss_sum = (mtp_loss_sum or 0.0) + float(out.mtp_loss.detach())
             n_tokens += input_ids.numel()
         loss = loss_sum / cfg.grad_accum
+        mtp_loss = None if mtp_loss_sum is None else mtp_loss_sum / cfg.grad_accum
         if self.distributed:
             from openk2.parallel import clip_grad_norm_ as dist_clip_grad_norm_
 
             loss = float(self.ctx.all_reduce_mean(torch.tensor(loss, device=self.device)))
+            if mtp_loss is not None:
+                mtp_loss = float(self.ctx.all_reduce_mean(torch.tensor(mtp_loss, device=self.device)))
             n_tokens *= self.ctx.data_world
             # expert stacks and dense parameters live on different meshes: torch's clip cannot mix them
             grad_norm = float(dist_clip_grad_norm_(model.parameters(), cfg.grad_clip, self.ctx))
@@ -302,6 +313,8 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         record: dict[str, Any] = {"step": self.step + 1, "lr": cfg.lr * mult, "loss": loss, "grad_norm": grad_norm}
+        if mtp_loss is not None:  # `loss` includes mtp_loss_weight * mtp_loss
+            record["mtp_loss"] = mtp_loss
         if finite:
             self.optimizer.step()
             self.bad_in_a_row = 0
@@ -490,7 +503,7 @@ def _checkpoint_blocks(model: torch.nn.Module) -> None:
     """Recompute each decoder block in backward (activation checkpointing) without renaming parameters."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.model.layers:
+    for block in [*model.model.layers, *getattr(model, "mtp", [])]:
         inner = block.forward
         block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
@@ -565,8 +578,11 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
         elif f.name == "adamw_betas":
             p.add_argument(flag, type=float, nargs=2, default=argparse.SUPPRESS, help=f"(default {default})")
         else:
-            kind = type(default) if default is not None else str
+            kind = type(default) if default is not None else _NONE_DEFAULT_TYPES.get(f.name, str)
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"(default {default})")
+
+
+_NONE_DEFAULT_TYPES = {"mtp_layers": int, "mtp_loss_weight": float}  # fields whose default None hides the type
 
 
 def _tau(text: str) -> float | None:
@@ -593,8 +609,19 @@ def build_model(cfg: TrainConfig, device: torch.device):
     if cfg.init_from:
         from openk2.checkpoint import load_pretrained, resolve_checkpoint_dir
 
-        return load_pretrained(resolve_checkpoint_dir(cfg.init_from), dtype=torch.float32, device=device)
+        model = load_pretrained(resolve_checkpoint_dir(cfg.init_from), dtype=torch.float32, device=device)
+        held = model.config.num_nextn_predict_layers
+        if cfg.mtp_layers is not None and cfg.mtp_layers != held:
+            raise SystemExit(f"openk2: --mtp-layers {cfg.mtp_layers}, but --init-from {cfg.init_from} holds {held} "
+                             "MTP module(s); adding or dropping MTP modules of a trained model is not supported")
+        if cfg.mtp_loss_weight is not None:
+            model.config.mtp_loss_weight = cfg.mtp_loss_weight
+        return model
     model_cfg = K2Config.from_json(cfg.model_config) if cfg.model_config else K2Config.preset(cfg.preset)
+    if cfg.mtp_layers is not None:
+        model_cfg = model_cfg.replace(num_nextn_predict_layers=cfg.mtp_layers)
+    if cfg.mtp_loss_weight is not None:
+        model_cfg = model_cfg.replace(mtp_loss_weight=cfg.mtp_loss_weight)
     torch.manual_seed(cfg.seed)
     return K2ForCausalLM(model_cfg).to(device)
 

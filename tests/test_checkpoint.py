@@ -527,20 +527,109 @@ def test_fp8_scale_inv_missing_or_misshaped(tmp_path):
     expect_error(out, name + "_scale_inv", "missing", file_of(out, name).name)
 
 
-def test_mtp_layers_are_skipped_with_a_note(tmp_path, caplog):
-    model = make_model()
+# --------------------------------------------------------------------------------------------------------------
+# Multi-token-prediction modules: DeepSeek-V3 layout (model.layers.{L + k}.*), shared-tensor copies
+# --------------------------------------------------------------------------------------------------------------
+
+MTP_KEYS = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "input_layernorm.weight",
+            "self_attn.kv_b_proj.weight", "mlp.gate.weight", "mlp.gate.e_score_correction_bias",
+            "mlp.experts.7.down_proj.weight", "mlp.shared_experts.up_proj.weight")
+COPY_KEYS = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def test_mtp_round_trip_in_the_deepseek_v3_layout(tmp_path):
+    model = make_model(tiny_config(num_nextn_predict_layers=2))
+    out = save_pretrained(model, tmp_path / "mtp", max_shard_size="100KB")
+    stored = headers(out)
+    layers = model.config.num_hidden_layers
+    for layer in (layers, layers + 1):
+        for key in MTP_KEYS + COPY_KEYS:
+            assert f"model.layers.{layer}.{key}" in stored, key
+    assert not any(name.startswith("mtp.") for name in stored)
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 2
+    copy = load_file(str(file_of(out, f"model.layers.{layers}.shared_head.head.weight")))
+    assert torch.equal(copy[f"model.layers.{layers}.shared_head.head.weight"], model.lm_head.weight)
+
+    loaded = load_pretrained(out)
+    assert loaded.config.num_nextn_predict_layers == 2 and len(loaded.mtp) == 2
+    assert_same_weights(model, loaded)
+    for_inference = load_pretrained(out, mtp=False)  # the MTP modules are skipped, the main model is the same
+    assert len(for_inference.mtp) == 0
+    full, main = to_hf_state_dict(model), to_hf_state_dict(for_inference)
+    assert set(full) - set(main) == {k for k in full if k.startswith((f"model.layers.{layers}.",
+                                                                      f"model.layers.{layers + 1}."))}
+    assert all(torch.equal(full[k], v) for k, v in main.items())
+    in_place = make_model(tiny_config(num_nextn_predict_layers=2, initializer_range=0.5))  # resume path
+    ckpt.load_hf_state_dict_from_dir(in_place, out)
+    assert_same_weights(model, in_place)
+    in_memory = make_model(tiny_config(num_nextn_predict_layers=2, initializer_range=0.5))
+    ckpt.load_hf_state_dict(in_memory, to_hf_state_dict(model))
+    assert_same_weights(model, in_memory)
+
+    # without the copies (optional on save, accepted on load)
+    bare = save_pretrained(model, tmp_path / "bare", mtp_shared_copies=False)
+    assert not any(f".{key}" in name and name.startswith(f"model.layers.{layers}.")
+                   for name in headers(bare) for key in COPY_KEYS)
+    assert_same_weights(model, load_pretrained(bare))
+    # block FP8 covers the MTP block's projections as it does the main layers' (eh_proj stays high precision)
+    fp8 = headers(save_pretrained(model, tmp_path / "fp8", fp8=True))
+    assert fp8[f"model.layers.{layers}.self_attn.kv_b_proj.weight"] == "F8_E4M3"
+    assert fp8[f"model.layers.{layers}.eh_proj.weight"] == "F32"
+    assert len(load_pretrained(tmp_path / "fp8").mtp) == 2
+
+
+def test_mtp_copy_that_differs_from_the_main_tensor_is_an_error(tmp_path):
+    model = make_model(tiny_config(num_nextn_predict_layers=1))
+    out = save_pretrained(model, tmp_path / "mtp")
+    name = f"model.layers.{model.config.num_hidden_layers}.shared_head.head.weight"
+
+    def nudge(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][300] += 1e-3
+
+    rewrite_file(out / "model.safetensors", nudge)
+    expect_error(out, name, "differs from lm_head.weight", "rows 0..511", "model.safetensors")
+    with pytest.raises(CheckpointError, match="must be equal"):  # the in-memory adapter checks it too
+        ckpt.load_hf_state_dict(make_model(tiny_config(num_nextn_predict_layers=1)), load_file(str(out / "model.safetensors")))
+
+
+def test_mtp_tensors_all_or_nothing(tmp_path, caplog):
+    model = make_model(tiny_config(num_nextn_predict_layers=1))
     out = save_pretrained(model, tmp_path / "mtp")
     layers = model.config.num_hidden_layers
-    mtp = {f"model.layers.{layers}.eh_proj.weight": torch.randn(64, 128),
-           f"model.layers.{layers}.enorm.weight": torch.ones(64)}
-    rewrite_file(out / "model.safetensors", lambda t: t.update(mtp))
-    expect_error(out, f"model.layers.{layers}.eh_proj.weight", "unexpected")  # config says no MTP layers
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    # some MTP tensors missing: an error naming them (and the config key that declares the module)
+    partial = f"model.layers.{layers}.self_attn.kv_b_proj.weight"
+    rewrite_file(out / "model.safetensors", lambda t: t.pop(partial))
+    expect_error(out, "missing (1)", partial, "num_nextn_predict_layers=1")
+    # none at all (what transformers writes: num_nextn_predict_layers 1, no MTP weights): the main model alone
+    rewrite_file(out / "model.safetensors", lambda t: [t.pop(k) for k in list(t) if k.startswith(f"model.layers.{layers}.")])
     with caplog.at_level(logging.INFO, logger="openk2.checkpoint"):
-        loaded = load_pretrained(out)
-    assert "skipped 2 multi-token-prediction tensors" in caplog.text
-    assert_same_weights(model, loaded)
+        main_only = load_pretrained(out)
+    assert "holds no MTP tensors" in caplog.text and len(main_only.mtp) == 0
+    assert main_only.config.num_nextn_predict_layers == 0
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(main_only(ids).logits, model(ids).logits)
+    # ...but a model that has an MTP module and loads those files in place (resume) is missing its tensors
+    with pytest.raises(CheckpointError, match=rf"missing .*model\.layers\.{layers}\.eh_proj\.weight"):
+        ckpt.load_hf_state_dict_from_dir(make_model(tiny_config(num_nextn_predict_layers=1)), out)
+
+
+def test_mtp_layers_the_model_does_not_build_are_skipped_with_a_note(tmp_path, caplog):
+    trained = make_model(tiny_config(num_nextn_predict_layers=1))
+    out = save_pretrained(trained, tmp_path / "mtp")
+    released_shape = make_model()  # no MTP: e.g. fine-tuning only the main model
+    with caplog.at_level(logging.INFO, logger="openk2.checkpoint"):
+        ckpt.load_hf_state_dict_from_dir(released_shape, out)
+    assert "skipped" in caplog.text and "multi-token-prediction tensors" in caplog.text
+    mtp_prefix = f"model.layers.{trained.config.num_hidden_layers}."
+    main = {k: v for k, v in to_hf_state_dict(trained).items() if not k.startswith(mtp_prefix)}
+    assert main.keys() == to_hf_state_dict(released_shape).keys()
+    assert all(torch.equal(v, to_hf_state_dict(released_shape)[k]) for k, v in main.items())
+    # a file MTP layer that the config does not declare is unexpected, as any unknown tensor
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    expect_error(out, "unexpected", "model.layers.3.eh_proj.weight")
 
 
 def test_load_hf_state_dict_reports_all_problems_and_changes_nothing():
@@ -637,6 +726,25 @@ def test_our_save_then_transformers_load(tmp_path, config_name):
     ids = torch.randint(0, INTEROP_CONFIGS[config_name]["vocab_size"], (2, 17))
     with torch.no_grad():
         expected, got = ours(ids).logits, theirs(ids).logits
+    assert expected.abs().max() > 0.1
+    assert (expected - got).abs().max() <= 1e-4
+
+
+def test_transformers_loads_our_mtp_checkpoint_ignoring_the_mtp_layer(tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+
+    fields = {**INTEROP_CONFIGS["qlora_yarn_groups"], **COMMON, "torch_dtype": "float32", "num_nextn_predict_layers": 1}
+    ours = make_model(K2Config.from_dict(fields))
+    randomize_router_bias(to_hf_state_dict(ours))
+    save_pretrained(ours, tmp_path / "ours")
+    theirs, info = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32,
+                                                         output_loading_info=True)
+    layers = fields["num_hidden_layers"]
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert info["unexpected_keys"] and all(k.startswith(f"model.layers.{layers}.") for k in info["unexpected_keys"])
+    ids = torch.randint(0, fields["vocab_size"], (2, 17))
+    with torch.no_grad():
+        expected, got = ours(ids).logits, theirs.eval()(ids).logits
     assert expected.abs().max() > 0.1
     assert (expected - got).abs().max() <= 1e-4
 

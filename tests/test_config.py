@@ -81,13 +81,20 @@ def test_transformers5_spellings_are_accepted():
 
 
 def test_k2_counts_match_the_paper():
-    counts = K2Config.preset("k2").param_counts()
+    cfg = K2Config.preset("k2")
+    counts = cfg.param_counts()
+    # The pre-training shape has one MTP module: Table 2's 1.04T total / 32.6B activated, Table 4's 1043B base model.
+    assert cfg.num_nextn_predict_layers == 1
+    assert abs(counts["total"] - 1.04e12) / 1.04e12 < 0.01
+    assert abs(counts["total"] - 1043e9) / 1043e9 < 1e-3
     assert abs(counts["active"] - 32.6e9) / 32.6e9 < 0.01
-    # The instantiated model (no MTP module, as the released config says) has 1.0264T parameters. The report's
-    # 1.04T (Table 2) / 1043B (Table 4) equal this plus one DeepSeek-V3-style MTP module (1043.6B).
-    assert abs(counts["total"] - 1.0264e12) / 1.0264e12 < 1e-3
-    assert abs(counts["total"] + counts["mtp_module"] - 1.04e12) / 1.04e12 < 0.01
-    assert abs(counts["total"] + counts["mtp_module"] - 1043e9) / 1043e9 < 1e-3
+    # Without it (the released Instruct config: num_nextn_predict_layers 0) it is 1.0264T; activated is the same,
+    # since the MTP module is not on the per-token path of the model that serves (as DeepSeek-V3's 37B).
+    released = cfg.replace(num_nextn_predict_layers=0).param_counts()
+    assert abs(counts["total_without_mtp"] - 1.0264e12) / 1.0264e12 < 1e-3
+    assert released["total"] == released["total_without_mtp"] == counts["total_without_mtp"]
+    assert released["active"] == counts["active"] and released["mtp_total"] == 0
+    assert counts["total"] - counts["total_without_mtp"] == counts["mtp_total"] == counts["mtp_module"]
 
 
 def test_param_counts_match_instantiated_model_and_k2_on_meta():
@@ -101,7 +108,12 @@ def test_param_counts_match_instantiated_model_and_k2_on_meta():
         assert sum(p.numel() for p in model.parameters()) == counts["total"], name
         attn = sum(p.numel() for p in model.model.layers[0].self_attn.parameters())
         assert attn == counts["attention_per_layer"]
-    for variant in (dict(q_lora_rank=None), dict(attention_bias=True), dict(n_shared_experts=2)):
+        main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+        assert main == counts["total_without_mtp"], name
+        for module in model.mtp:  # the embedding and lm_head are shared, not counted again
+            assert sum(p.numel() for p in module.parameters()) == counts["mtp_module"], name
+    for variant in (dict(q_lora_rank=None), dict(attention_bias=True), dict(n_shared_experts=2),
+                    dict(num_nextn_predict_layers=2)):
         cfg = K2Config.preset("tiny").replace(**variant)
         model = K2ForCausalLM(cfg)
         assert sum(p.numel() for p in model.parameters()) == cfg.param_counts()["total"], variant
@@ -115,10 +127,34 @@ def test_flops_per_token_formula():
     assert flops_per_token(cfg, 1024) == expected
 
 
+def test_flops_per_token_counts_the_mtp_modules_matmuls():
+    """Each MTP module adds, per token: its matmul weights on the token's path (from the instantiated module:
+    everything but its norms, routed experts at k of E) and one more lm_head pass, x6; plus one attention term.
+    (As in the main-model formula, the two small latent norms inside MLA are counted with the attention weights.)"""
+    from openk2.model import K2ForCausalLM, RMSNorm
+
+    cfg = K2Config.preset("tiny").replace(num_nextn_predict_layers=2)
+    model = K2ForCausalLM(cfg)
+    matmul = 0.0
+    for module in model.mtp:
+        norms = {id(p) for name, m in module.named_modules() if isinstance(m, RMSNorm) and "self_attn" not in name
+                 for p in m.parameters()}
+        for name, p in module.named_parameters():
+            if id(p) in norms:
+                continue
+            share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1.0
+            matmul += p.numel() * share
+        matmul += model.lm_head.weight.numel()
+    attention = 6 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 64 / 2
+    base = flops_per_token(cfg.replace(num_nextn_predict_layers=0), 64)
+    assert flops_per_token(cfg, 64) == pytest.approx(base + 6 * matmul + 2 * attention, rel=1e-12)
+
+
 def test_info_cli(capsys, tmp_path):
     assert main(["--preset", "k2"]) == 0
     out = capsys.readouterr().out
-    assert "1.026T" in out and "active" in out
+    assert "1.044T" in out and "with MTP" in out and "active" in out
+    assert "1.026T" in out and "without MTP" in out  # the released (MTP-free) shape
     path = tmp_path / "config.json"
     K2Config.preset("tiny").save_json(path)
     assert main(["--config", str(path)]) == 0

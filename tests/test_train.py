@@ -218,3 +218,33 @@ def test_pretrain_default_corpus_30_steps(tmp_path):
     assert last < first - 1.0, (first, last)
     assert {p.name for p in (out / "plots").iterdir()} >= {"loss.png", "max_logit.png", "clipped_heads.png"}
     assert latest_checkpoint(out).name == "step_000030"
+
+
+def test_mtp_flag_builds_mtp_modules_and_metrics_log_mtp_loss(tmp_path):
+    import argparse
+
+    from openk2.train import add_train_arguments, build_model, resolve_config
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p, TrainConfig())
+    cfg = resolve_config(p.parse_args(["--preset", "tiny", "--mtp-layers", "1", "--mtp-loss-weight", "0.1",
+                                       "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "2",
+                                       "--seq-len", "32", "--dtype", "fp32", "--no-progress", "--no-plots",
+                                       "--val-every", "2", "--warmup-steps", "1"]), TrainConfig())
+    assert (cfg.mtp_layers, cfg.mtp_loss_weight) == (1, 0.1)
+    model = build_model(cfg, torch.device("cpu"))
+    assert len(model.mtp) == 1 and model.config.mtp_loss_weight == 0.1
+    default = TrainConfig.from_dict({**cfg.to_dict(), "mtp_layers": None})
+    assert len(build_model(default, torch.device("cpu")).mtp) == 0  # default: as the preset says (tiny: none)
+    Trainer(cfg, model, MemoryBatches(model.config.vocab_size, 2, 32)).fit()
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mtp_loss"] > 5.0 for r in rows)  # ~ln(512): three steps on random tokens
+    L = model.config.num_hidden_layers
+    assert len(rows[0]["max_logit_per_layer"]) == L + 1 and len(rows[0]["expert_load"]) == model.config.num_moe_layers + 1
+    assert "val_loss" in rows[1] and "mtp_loss" in rows[1]
+    # the checkpoint holds the module in the DeepSeek-V3 layout and loads back with it
+    from openk2.checkpoint import load_pretrained
+
+    reloaded = load_pretrained(tmp_path / "run")
+    assert len(reloaded.mtp) == 1
+    torch.testing.assert_close(reloaded.mtp[0].eh_proj.weight, model.mtp[0].eh_proj.weight)
