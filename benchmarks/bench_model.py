@@ -6,13 +6,15 @@ same process (issue 2).
    this run, with model FLOPs per token = openk2.config.flops_per_token(cfg, seq_len)
    = 6 * (active matmul parameters) + 6 * L * heads * (qk_head_dim + v_head_dim) * seq_len / 2.
 2. Decode tokens/s at a 1024-token context, batch 1 and 8: our absorbed latent cache vs transformers `generate`
-   (greedy, its default cache). Only the decode steps are timed: ours after a per-row prefill; theirs as
-   time(generate 1 + n tokens) - time(generate 1 token).
+   (greedy, its default cache). Only the decode steps are timed: ours after a per-row prefill, under
+   inference_mode as the engine runs it; theirs from per-step timestamps after its prefill. Median of interleaved
+   rounds (ours, theirs, ours, ...).
 3. KV-cache bytes per token: latent c_kv + k_rope vs a per-head K/V cache, for `small` and `k2` (bf16).
 
     python benchmarks/bench_model.py            # full (minutes; run on a quiet machine)
     python benchmarks/bench_model.py --quick    # sanity run
     python benchmarks/bench_model.py --threads 1 --clock cpu   # on a loaded machine: CPU time, 1 thread
+    python benchmarks/bench_model.py --decode-only [--rounds 5]  # decode rows only, interleaved rounds
 
 Goals (issue 2, at small): fp32 >= 1.1x, bf16 >= 2x transformers and >= 40 % of the bf16 matmul peak;
 decode >= 3x at batch 1 and >= 2x at batch 8.

@@ -829,7 +829,8 @@ class K2ForCausalLM(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor [B, T]; got {tuple(input_ids.shape)} {input_ids.dtype}")
         if cache is None:
-            logits = self.lm_head(self.model(input_ids))
+            hidden = self.model(input_ids)
+            logits = self.lm_head(hidden)
         else:
             cache.step = self._plan_cache_step(input_ids, cache, cache_rows)
             try:
