@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                    "sweep and exit (a second process can sweep AdamW while the first sweeps MuonClip)")
     p.add_argument("--budget-worker", action="store_true", help="run (or reuse, or wait for) MuonClip's lr sweep, "
                    "then only its budget runs for --fractions, and exit: a helper process for a long experiment")
+    p.add_argument("--lr-check-fraction", type=float, default=None, help="the budget (fraction of the full one) "
+                   "for the lr check; default: the budget run nearest the crossing")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="phases after the lr sweep "
                    "(which always runs or is reused); a second process with e.g. `--phases seeds` can run the "
                    "seed repeats while the first works through the budgets, and the first then reuses them")
@@ -618,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         shorter = [r for r in budget_runs() if r["steps"] != s.steps] or budget_runs()
         anchor = budget["tokens_to_reach"] or (shorter[0]["tokens"] if budget["how"] == "below_smallest"
                                                else shorter[-1]["tokens"])
+        if args.lr_check_fraction:  # a fixed budget instead (lets a helper process start these runs early)
+            anchor = steps_for(args.lr_check_fraction) * s.batch_size * s.seq_len
         at = min(shorter, key=lambda r: abs(math.log(r["tokens"] / anchor)))
         by_lr = {muon["lr"]: at["final_val_loss"]}
         for lr in (muon["lr"] / 2, muon["lr"] * 2):

@@ -217,7 +217,7 @@ def test_adamw_groups_match_torch_adamw():
     opt1 = MuonClip(m1, lr=1e-2, weight_decay=0.1, qk_clip_tau=None, muon_filter=lambda n, p: False)
     adamw_names = set(opt1.adamw_param_names())
     assert adamw_names == {n for n, _ in m1.named_parameters()}
-    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=True)
     ids = torch.randint(0, 50, (2, 12))
     for _ in range(4):
         for m in (m1, m2):
