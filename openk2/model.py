@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from openk2.config import K2Config, flops_per_token
 
@@ -164,12 +165,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 # read copies of the weights transposed to [in, out], with matrices that share an input concatenated (q_a + kv_a,
 # gate + up). A copy is made on first use, cached on the module as a plain attribute (never a parameter, buffer or
 # state_dict entry) and keyed on its sources' storage and version counter: any in-place update (optimizer step,
-# QK-Clip, load_state_dict, copy_) bumps the version, and `.to()` drops every copy (K2ForCausalLM._apply), so a
-# stale copy is never read. The cost is one more copy of the matrices in memory, freed by
-# `K2ForCausalLM.release_decode_weights()`; writes through `param.data` bypass the version counter: call it after
-# those.
+# QK-Clip, load_state_dict, copy_) bumps the version; fused optimizer kernels (fused AdamW, as in the Trainer and
+# MuonClip) do not, so every torch.optim step also bumps a global step count that is part of the key; and `.to()`
+# drops every copy (K2ForCausalLM._apply). So a stale copy is never read. The cost is one more copy of the matrices
+# in memory, freed by `K2ForCausalLM.release_decode_weights()`; writes through `param.data` bypass the version
+# counter: call it after those.
 DECODE_LAYOUT_MAX_ROWS = 4  # from 8 rows on the copies stop paying (MKL's small-M gemm takes over)
 _DECODE_SLOT = "_decode_t_"
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _decode_layout(x: torch.Tensor) -> bool:
@@ -182,7 +193,7 @@ def _decode_weight(holder: nn.Module, name: str, *weights: torch.Tensor) -> torc
     """`weights` ([..., out_i, in] each) concatenated along out and stored as one contiguous [..., in, sum out_i]
     copy, cached on `holder` under `name` and rebuilt whenever a source changed."""
     # (weights created under inference mode have no version counter; nothing outside that mode can modify them)
-    key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in weights)
+    key = (_optimizer_steps, *((w.data_ptr(), None if w.is_inference() else w._version) for w in weights))
     slot = _DECODE_SLOT + name
     cached = holder.__dict__.get(slot)
     if cached is None or cached[0] != key:
