@@ -101,9 +101,8 @@ def train_run(run_dir: Path, model_config: K2Config, corpus: SharedCorpus, **tra
         model_config.save_json(model_config_path)
         cfg = TrainConfig(model_config=str(model_config_path), tokenizer=str(corpus.tokenizer_dir),
                           out=str(run_dir), progress=False, plots=False, keep_last=1, **train_fields).validated()
-        cfg_json = json.dumps(cfg.to_dict(), indent=2)
         summary, saved_cfg = run_dir / "summary.json", run_dir / "train_config.json"
-        if summary.exists() and saved_cfg.exists() and saved_cfg.read_text() == cfg_json:
+        if summary.exists() and saved_cfg.exists() and same_config(json.loads(saved_cfg.read_text()), cfg):
             return read_metrics(run_dir)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         summary.unlink(missing_ok=True)
@@ -116,6 +115,14 @@ def train_run(run_dir: Path, model_config: K2Config, corpus: SharedCorpus, **tra
             corpus.tokenizer_dir))
         trainer.fit()
         return read_metrics(run_dir)
+
+
+def same_config(saved: dict, cfg: TrainConfig) -> bool:
+    """A saved train_config.json describes the run `cfg` asks for. A TrainConfig field added to the code after the
+    run was made counts as equal when `cfg` holds its default (the run behaved as that default)."""
+    current = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as in the saved file
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    return set(saved) <= set(current) and all(saved.get(k, defaults[k]) == v for k, v in current.items())
 
 
 @contextlib.contextmanager

@@ -54,6 +54,18 @@ def test_budget_crossing_interpolates_in_log_tokens(experiments):
     assert te.loglinear_crossing([(100, 4.0)], 3.0) is None
 
 
+def test_same_config_ignores_fields_added_later_at_their_default(experiments):
+    te, _ = experiments
+    cfg = TrainConfig(steps=7, lr=0.01, adamw_betas=(0.9, 0.95))
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    assert te.same_config(saved, cfg)
+    older = {k: v for k, v in saved.items() if k != "spike_window"}  # a run made before that field existed
+    assert te.same_config(older, cfg)
+    assert not te.same_config(older, TrainConfig(steps=7, lr=0.01, spike_window=7))  # ... now set off its default
+    assert not te.same_config(saved | {"lr": 0.02}, cfg)
+    assert not te.same_config(saved | {"field_we_dropped": 1}, cfg)
+
+
 def test_token_efficiency_quick(experiments, tmp_path, capsys):
     te, _ = experiments
     assert te.main(["--quick", "--out", str(tmp_path)]) == 0
