@@ -32,6 +32,12 @@ def dist_result(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr:
+        # Seen once in ~25 runs (2026-11-29): a worker aborted inside gloo ("terminate called without an active
+        # exception") with no Python error; not reproducible in 20 reruns. Retry once, and show the first failure.
+        print(f"torchrun worker aborted; retrying once. First attempt's stderr tail:\n{proc.stderr[-3000:]}",
+              file=sys.stderr)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())
