@@ -668,7 +668,7 @@ def load_engine(path: str, *, dtype: str = "bfloat16", device: str | None = None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if DTYPES[dtype] == torch.float16 and str(device).startswith("cpu"):
         raise ValueError("--dtype float16 on CPU is about 100x slower than bfloat16 here; use bfloat16 or float32")
-    model = load_pretrained(ckpt_dir, dtype=DTYPES[dtype], device=device)
+    model = load_pretrained(ckpt_dir, dtype=DTYPES[dtype], device=device, mtp=False)  # inference never runs MTP
     tokenizer = K2Tokenizer.load(ckpt_dir)
     return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 

@@ -226,3 +226,18 @@ def test_a_failing_forward_fails_only_its_requests(model, tokenizer, monkeypatch
     ok = engine.submit(prompt, SamplingParams(max_tokens=5, **GREEDY)).result(timeout=30)
     assert len(ok.token_ids) == 5 and engine.stats["failures"] == 1 and sorted(engine._free_rows) == [0, 1]
     engine.shutdown()
+
+
+def test_load_engine_skips_mtp_modules(tmp_path, tokenizer):
+    """A checkpoint with an MTP module (the k2 pre-training shape) serves without building it: inference never
+    runs MTP, so its weights would only cost memory."""
+    from openk2.checkpoint import save_pretrained
+    from openk2.engine import load_engine
+
+    torch.manual_seed(0)
+    with_mtp = K2ForCausalLM(K2Config.preset("tiny").replace(num_nextn_predict_layers=1)).eval()
+    save_pretrained(with_mtp, tmp_path / "ckpt", tokenizer=tokenizer)
+    engine = load_engine(str(tmp_path / "ckpt"), dtype="float32", device="cpu")
+    assert len(engine.model.mtp) == 0 and len(with_mtp.mtp) == 1
+    ids = torch.tensor([tokenizer.encode("the quick brown fox")])
+    torch.testing.assert_close(engine.model(ids).logits, with_mtp(ids).logits)
