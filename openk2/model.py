@@ -364,8 +364,8 @@ def max_causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
     for start in range(0, T, ATTENTION_QUERY_BLOCK):
         end = min(T, start + ATTENTION_QUERY_BLOCK)
         scores = torch.matmul(q[:, :, start:end], k[:, :, :end].transpose(-2, -1)).float() * scale
-        future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu_(start + 1)
-        result = torch.maximum(result, scores.masked_fill(future, float("-inf")).amax(dim=(0, 2, 3)))
+        masked = scores + _causal_bias(start, end, torch.float32, q.device)
+        result = torch.maximum(result, masked.amax(dim=(0, 2, 3)))
     return result
 
 
@@ -442,9 +442,6 @@ class MLA(nn.Module):
             self.max_logits = max_logits
         return out.transpose(1, 2).reshape(B, T, nh * self.v_dim)
 
-    def _sdpa(self, q, k, v, **kwargs) -> torch.Tensor:
-        return padded_sdpa(q, k, v, self.softmax_scale, **kwargs)
-
     # -- decode path: compressed cache + weight absorption ------------------------------------------------------
     def _project_cached(self, x, cos, sin):
         """_project for the cached path, in fewer ops (decode is per-op overhead bound on CPU): k_rope is rotated
@@ -512,7 +509,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, nh, self.rope_dim)), dim=-1).transpose(1, 2)
         visible = torch.arange(S, device=q.device).view(1, 1, S) <= positions.unsqueeze(-1)  # [B, T, S]
-        out = self._sdpa(q, k, v.transpose(1, 2), attn_mask=visible.unsqueeze(1))
+        out = padded_sdpa(q, k, v.transpose(1, 2), self.softmax_scale, attn_mask=visible.unsqueeze(1))
         return out.transpose(1, 2).reshape(B, T, nh * self.v_dim)
 
 
