@@ -417,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/exp_token_efficiency_v2", help="output directory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")
     p.add_argument("--steps", type=int, default=None, help="override the full step budget")
+    p.add_argument("--batch-size", type=int, default=None, help="override sequences per step (default 32)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="override the warm-up (default 20 steps)")
+    p.add_argument("--val-every", type=int, default=None, help="validation interval of the full-budget runs "
+                   "(default 40; shorter budgets validate every 2x this and at their end)")
+    p.add_argument("--val-tokens", type=int, default=None, help="size of the fixed validation slice in tokens "
+                   "(default 32768; rounded down to whole batches)")
     p.add_argument("--muonclip-lrs", type=float, nargs="+", default=None, help="override MuonClip's lr grid")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=None, help="override AdamW's lr grid")
     p.add_argument("--max-extensions", type=int, default=None, help="lr values (and budgets) added while the best "
@@ -442,6 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     s = settings(args.quick)
     if args.steps:
         s.steps = args.steps
+    val_tokens = args.val_tokens or s.val_batches * s.batch_size * s.seq_len
+    if args.batch_size:
+        s.batch_size = args.batch_size
+    s.val_batches = max(1, val_tokens // (s.batch_size * s.seq_len))  # same slice whatever the batch size
+    if args.warmup_steps is not None:
+        s.warmup_steps = args.warmup_steps
+    if args.val_every:
+        s.val_every, s.budget_val_every = args.val_every, 2 * args.val_every
     for opt, lrs in (("muonclip", args.muonclip_lrs), ("adamw", args.adamw_lrs)):
         if lrs:
             s.lrs[opt] = lrs

@@ -68,32 +68,34 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, m
     if method not in NS_METHODS:
         raise ValueError(f"zeropower_via_newtonschulz: method must be one of {NS_METHODS}, got {method!r}")
     use_gram = method == "gram" or (method == "auto" and gram_pays(G.shape, steps))
+    tall = G.size(-2) > G.size(-1)
+    if use_gram:  # one pass: cast + transpose to a contiguous wide bf16 batch; normalization happens on X X^T
+        X = (G.mT if tall else G).to(torch.bfloat16, memory_format=torch.contiguous_format)
+        X = _gram_newton_schulz(X.reshape(-1, X.size(-2), X.size(-1)), steps, eps).view(X.shape)
+        return X.mT if tall else X
     a, b, c = NS_COEFFICIENTS
     X = G.bfloat16()
-    tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the wide orientation so the Gram matrix X X^T is the small one
+    if tall:  # iterate on the wide orientation: X X^T is the smaller product
         X = X.mT
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     batch_shape = X.shape[:-2]
-    if use_gram:
-        X = _gram_newton_schulz(X.reshape(-1, X.size(-2), X.size(-1)), steps)
-    else:
-        if X.ndim > 3:
-            X = X.reshape(-1, X.size(-2), X.size(-1))
-        fused_mm = torch.addmm if X.ndim == 2 else torch.baddbmm  # beta*input + alpha*(m1 @ m2) in one kernel
-        for _ in range(steps):
-            A = X @ X.mT
-            B = fused_mm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-            X = fused_mm(X, B, X, beta=a)  # a*X + B@X
+    if X.ndim > 3:
+        X = X.reshape(-1, X.size(-2), X.size(-1))
+    fused_mm = torch.addmm if X.ndim == 2 else torch.baddbmm  # beta*input + alpha*(m1 @ m2) in one kernel
+    for _ in range(steps):
+        A = X @ X.mT
+        B = fused_mm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = fused_mm(X, B, X, beta=a)  # a*X + B@X
     X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
     return X.mT if tall else X
 
 
-def _gram_newton_schulz(X: Tensor, steps: int) -> Tensor:
-    """The NS iteration X <- P(S) X, P(S) = aI + bS + cS^2, S = X X^T, run on m x m matrices (X is [N, m, n],
-    wide, normalized, bf16). Every iterate is X_k = Q_k X_0 with Q_k a polynomial in R = X_0 X_0^T, so we keep
-    S_k = X_k X_k^T and Q_k (m x m) instead of X_k (m x n): S_{k+1} = P S P (P and S commute), Q_{k+1} = P Q_k,
-    and apply Q to X once at the end.
+def _gram_newton_schulz(X0: Tensor, steps: int, eps: float = NS_EPS) -> Tensor:
+    """The NS iteration X <- P(S) X, P(S) = aI + bS + cS^2, S = X X^T, run on m x m matrices (X0 is [N, m, n],
+    wide, bf16, *not* normalized). Every iterate is X_k = Q_k X_0 with Q_k a polynomial in R = X_0 X_0^T, so we
+    keep S_k = X_k X_k^T and Q_k (m x m) instead of X_k (m x n): S_{k+1} = P S P (P and S commute),
+    Q_{k+1} = P Q_k, and apply Q to X once at the end. The Frobenius normalization is done on the Gram matrix,
+    ||X_0||_F^2 = trace(R), and folded into Q, so no pass over the large X is spent on it.
 
     Stability: in bf16, S's small eigenvalues carry absolute rounding noise of ~1e-3 of the largest; the
     iteration multiplies eigenvalues near 0 by ~a^2 = 12 per step, and a noise eigenvalue below 0 (impossible
@@ -104,11 +106,16 @@ def _gram_newton_schulz(X: Tensor, steps: int) -> Tensor:
     FLOPs (m short, n long, L steps in a phase): X X^T and Q X cost 2 m^2 n each; the steps cost (4L - 3)
     m x m products of 2 m^3 (S^2 inside P every step; P Q from step 2; S P P except on the last step)."""
     a, b, c = NS_COEFFICIENTS
+    S = torch.bmm(X0, X0.mT)
+    inv_norm = S.diagonal(dim1=-2, dim2=-1).float().sum(-1).clamp(min=eps * eps).rsqrt()  # 1 / ||X_0||_F
+    S.mul_(inv_norm.square().to(S.dtype)[:, None, None])
+    X = X0
     first = min(GRAM_RESTART_AFTER, steps)
-    for phase_steps in (first, steps - first):
+    for phase, phase_steps in enumerate((first, steps - first)):
         if phase_steps == 0:
             continue
-        S = torch.bmm(X, X.mT)
+        if phase > 0:
+            S = torch.bmm(X, X.mT)
         Q = None
         for k in range(phase_steps):
             P = torch.baddbmm(S, S, S, beta=b, alpha=c)  # b*S + c*S@S ...
@@ -116,6 +123,8 @@ def _gram_newton_schulz(X: Tensor, steps: int) -> Tensor:
             Q = P if Q is None else torch.bmm(P, Q)
             if k < phase_steps - 1:
                 S = torch.bmm(torch.bmm(S, P), P)  # = X_{k+1} X_{k+1}^T
+        if phase == 0:
+            Q = Q * inv_norm.to(Q.dtype)[:, None, None]  # X_0 enters unnormalized
         X = torch.bmm(Q, X)
     return X
 
@@ -126,12 +135,6 @@ MAX_NS_BATCH = 16  # matrices per batched Newton-Schulz call; larger batches sto
 def _matrix_shape(u: Tensor) -> tuple[int, int]:
     """Per-matrix shape in the wide orientation (what NS iterates on)."""
     return (min(u.shape[-2:]), max(u.shape[-2:]))
-
-
-def _as_wide_batch(u: Tensor) -> Tensor:
-    w = u.bfloat16()
-    w = w.mT if w.size(-2) > w.size(-1) else w
-    return w.reshape(-1, w.size(-2), w.size(-1))
 
 
 def _from_wide_batch(o: Tensor, like: Tensor) -> Tensor:
@@ -167,9 +170,14 @@ def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str 
         if len(batch) == 1:  # nothing to concatenate
             results[batch[0]] = zeropower_via_newtonschulz(updates[batch[0]], steps, method=method)
             continue
-        wide = [_as_wide_batch(updates[j]) for j in batch]
-        ortho = zeropower_via_newtonschulz(torch.cat(wide), steps, method=method)
-        for j, o in zip(batch, ortho.split([w.size(0) for w in wide])):
+        counts = [updates[j][..., 0, 0].numel() for j in batch]
+        wide = torch.empty(sum(counts), *_matrix_shape(updates[batch[0]]), dtype=torch.bfloat16,
+                           device=updates[batch[0]].device)
+        for j, w in zip(batch, wide.split(counts)):  # cast + transpose + concatenate in one pass
+            u = updates[j].reshape(-1, *updates[j].shape[-2:])
+            w.copy_(u.mT if u.size(-2) > u.size(-1) else u)
+        ortho = zeropower_via_newtonschulz(wide, steps, method=method)
+        for j, o in zip(batch, ortho.split(counts)):
             results[j] = _from_wide_batch(o, updates[j])
     return results
 
