@@ -38,7 +38,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 GB = 1e9
 FP8_TILE_BYTES = 1 + 4 / 128  # FP8-E4M3 element + one fp32 scale per 1×128 tile
@@ -131,6 +131,7 @@ class Choices:
     a2a_bytes: float = 2.0  # bytes per element on the wire for dispatch/combine (bf16)
     offload_window: int = 2  # layer-micro-batches of activations kept on GPU when offloading (current + prefetch)
     reserve_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+    balance: str = "time"  # pipeline partition: "time" (slowest stage, then memory) or "memory" (parameters only)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -313,14 +314,82 @@ def partition_layers(costs: Sequence[float], chunks: int) -> list[list[int]]:
     return runs
 
 
-def rank_layers(geo: Geometry, layout: Layout) -> list[list[list[int]]]:
-    """For each pipeline rank, its chunks (lists of layer indices) in schedule order."""
-    key = (layout.pp, layout.virtual_stages, layout.ep, layout.tp)
+def memory_balanced_runs(geo: Geometry, layout: Layout) -> list[list[int]]:
+    """The pp × v contiguous chunks balanced by per-GPU parameter bytes alone (`--balance memory`)."""
+    key = ("memory runs", layout.pp, layout.virtual_stages, layout.ep, layout.tp)
     if key not in geo._cache:
         costs = [layer_gpu_params(geo, layer, layout.ep, layout.tp) for layer in geo.layers]
-        runs = partition_layers(costs, layout.pp * layout.virtual_stages)
-        geo._cache[key] = [[runs[c] for c in range(r, len(runs), layout.pp)] for r in range(layout.pp)]
+        geo._cache[key] = partition_layers(costs, layout.pp * layout.virtual_stages)
     return geo._cache[key]
+
+
+def partition_min_max(n_layers: int, stages: int, stage_time: Callable[[int, int], float],
+                      stage_memory: Callable[[int, int, int], float] | None = None,
+                      capacity: float = math.inf) -> list[list[int]] | None:
+    """Cut layers 0..n−1 into `stages` contiguous non-empty stages, pipeline order.
+
+    Objective: minimise the slowest stage's time, subject to every stage's memory ≤ `capacity`; among the
+    partitions that reach that time, minimise the largest stage memory. Returns None when nothing fits.
+    `stage_time(i, j)` is the time of a stage holding layers i..j−1 (the same at every position);
+    `stage_memory(i, j, s)` is its memory as stage s (early stages keep more micro-batches in flight). Neither may
+    decrease when a stage gains a layer (true of sums, maxima and the planner's exposed-communication terms
+    except when two of them are exposed at once).
+
+    Algorithm: the optimal bottleneck is the time of some contiguous run, so binary-search the sorted run times
+    for the smallest limit T at which the greedy check succeeds. The check fills stage 0, 1, … in turn with as
+    many layers as stay within the time and memory limits, leaving one layer for every later stage. Greedy is
+    exact for limits that hold for every sub-run of a run that meets them: by induction each greedy stage ends
+    no earlier than the same stage of any partition that meets the limits, so if one exists greedy's last stage
+    reaches layer n−1. With T fixed, the memory limit is then bisected (to 1e-6 relative) for the tie-break.
+    Cost: O(n²) time evaluations for the candidates, O(n · log) greedy passes.
+    """
+    if not 1 <= stages <= n_layers:
+        raise PlanError(f"cannot cut {n_layers} layers into {stages} pipeline stages (--pp × --virtual-stages)")
+    slack = 1 + 1e-12  # the limits are values of the same functions; the slack only absorbs rounding
+
+    def greedy(time_limit: float, memory_limit: float) -> list[list[int]] | None:
+        stages_out: list[list[int]] = []
+        start = 0
+        for s in range(stages):
+            last_end = n_layers - (stages - 1 - s)  # leave one layer for each later stage
+            end = start
+            while end < last_end and stage_time(start, end + 1) <= time_limit * slack and (
+                    stage_memory is None or stage_memory(start, end + 1, s) <= memory_limit * slack):
+                end += 1
+            if end == start:
+                return None
+            stages_out.append(list(range(start, end)))
+            start = end
+        return stages_out if start == n_layers else None
+
+    def peak_memory(runs: list[list[int]]) -> float:
+        assert stage_memory is not None
+        return max(stage_memory(run[0], run[-1] + 1, s) for s, run in enumerate(runs))
+
+    candidates = sorted({stage_time(i, j) for i in range(n_layers) for j in range(i + 1, n_layers + 1)})
+    best = greedy(candidates[-1], capacity)
+    if best is None:
+        return None
+    lo, hi = 0, len(candidates) - 1  # invariant: greedy(candidates[hi]) succeeds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        runs = greedy(candidates[mid], capacity)
+        if runs is None:
+            lo = mid + 1
+        else:
+            hi, best = mid, runs
+    if stage_memory is None:
+        return best
+    time_limit = candidates[hi]
+    low_memory, high_memory = 0.0, peak_memory(best)
+    while high_memory - low_memory > 1e-6 * high_memory:
+        middle = (low_memory + high_memory) / 2
+        runs = greedy(time_limit, middle)
+        if runs is None:
+            low_memory = middle
+        else:
+            best, high_memory = runs, peak_memory(runs)
+    return best
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -461,6 +530,8 @@ def validate(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware) -> i
         raise PlanError(f"--tp {layout.tp} exceeds --gpus-per-node {hw.gpus_per_node} (TP needs NVLink)")
     if not 0.0 <= choices.optimizer_offload <= 1.0:
         raise PlanError(f"--opt-offload must be in [0, 1], got {choices.optimizer_offload}")
+    if choices.balance not in ("time", "memory"):
+        raise PlanError(f"--balance must be time or memory, got {choices.balance!r}")
     if choices.optimizer not in ("muonclip", "adamw"):
         raise PlanError(f"--optimizer must be muonclip or adamw, got {choices.optimizer!r}")
     if choices.global_batch_tokens % choices.seq_len:
@@ -494,68 +565,296 @@ def in_flight(layout: Layout, rank: int, micro_batches: int, extra_warmup: int) 
     return chunk_forwards / v
 
 
-@dataclass
-class _RankStatics:
-    """What a pipeline rank's layers add up to, independent of dp, micro-batch and offload choices."""
+# --------------------------------------------------------------------------------------------------------------
+# Stage costs: what each layer adds to a pipeline stage's time and memory
 
-    rank: int
-    layers: list[int]
-    first: bool
-    last: bool
-    replicated: float  # per-GPU parameters with dp × ep replicas (attention, dense/shared MLP, router, norms, ...)
-    experts: float  # per-GPU routed-expert parameters (dp replicas)
+
+@dataclass(frozen=True)
+class _LayerStatics:
+    """One layer's per-GPU figures that depend only on ep, tp, recompute, FP8 and seq_len (cached per geometry)."""
+
+    replicated: float  # parameters with dp × ep replicas (embedding / final norm + lm_head on the first / last)
     adamw: float  # the AdamW part of `replicated` under MuonClip
-    act_per_token: dict[str, float]  # stored activation bytes per token, summed over the rank's layers
-    largest_layer_act: float  # stored bytes per token of its largest layer
-    full_layer_act: float  # un-saved (no recompute, no FP8) bytes per token of its largest layer
-    n_moe: int
-    flops_per_token: float  # model FLOPs (forward + backward) for the rank's layers (+ lm_head)
+    experts: float  # routed-expert parameters (dp replicas)
+    act_per_token: float  # stored activation bytes per token
+    full_act_per_token: float  # un-saved (no recompute, no FP8) bytes per token
+    flops_per_token: float  # model FLOPs incl. causal attention (+ lm_head on the last layer), forward + backward
     extra_flops_per_token: float  # recompute matmul FLOPs
     extra_hbm_per_token: float  # recompute / FP8 conversion HBM bytes
-    ns_flops: float  # Newton–Schulz FLOPs for the rank's full Muon matrices (experts: its ep share)
-    ns_workspace: float  # bytes for Newton–Schulz on the rank's largest full Muon matrix
+    ns_flops: float  # Newton–Schulz FLOPs for its full Muon matrices (experts: the ep share)
+    ns_workspace: float  # bytes for Newton–Schulz on its largest full Muon matrix
+    is_moe: bool
 
 
-def _rank_statics(geo: Geometry, layout: Layout, recompute: bool, fp8: bool, seq_len: int) -> list[_RankStatics]:
-    key = ("statics", layout.pp, layout.virtual_stages, layout.ep, layout.tp, recompute, fp8, seq_len)
+def _layer_statics(geo: Geometry, ep: int, tp: int, recompute: bool, fp8: bool, seq_len: int) -> list[_LayerStatics]:
+    key = ("layer statics", ep, tp, recompute, fp8, seq_len)
     if key in geo._cache:
         return geo._cache[key]
-    ep, tp = layout.ep, layout.tp
-    act = {kind: activation_bytes_per_token(geo, kind, recompute, fp8) for kind in (False, True)}
+    act = {kind: sum(activation_bytes_per_token(geo, kind, recompute, fp8).values()) for kind in (False, True)}
     full = {kind: sum(activation_bytes_per_token(geo, kind, False, False).values()) for kind in (False, True)}
     extra = {kind: recompute_costs_per_token(geo, kind, recompute, fp8) for kind in (False, True)}
     attention_flops = geo.attention_flops_per_token(seq_len)
-    statics = []
-    for rank, chunks in enumerate(rank_layers(geo, layout)):
-        ids = [i for chunk in chunks for i in chunk]
-        layers = [geo.layers[i] for i in ids]
-        first, last = 0 in ids, geo.num_layers - 1 in ids
-        replicated = sum(l.replicated_params for l in layers) / tp
-        adamw = sum(l.adamw_params for l in layers) / tp
+    out = []
+    for layer in geo.layers:
+        first, last = layer.index == 0, layer.index == geo.num_layers - 1
         extra_params = (geo.embed_params if first else 0.0) + (geo.head_params if last else 0.0)
-        act_per_token: dict[str, float] = {}
-        for layer in layers:
-            for name, b in act[layer.is_moe].items():
-                act_per_token[name] = act_per_token.get(name, 0.0) + b / tp
-        ns_flops = 0.0
-        for l in layers:
-            ns_flops += sum(_ns_flops(r, c) for r, c in l.muon_shapes)
-            ns_flops += sum(_ns_flops(r, c) for r, c in l.expert_shapes) * geo.n_experts / (ep * tp)
-        shapes = [s for l in layers for s in l.muon_shapes + l.expert_shapes]
-        statics.append(_RankStatics(
-            rank=rank, layers=ids, first=first, last=last, replicated=replicated + extra_params / tp,
-            experts=sum(l.expert_params for l in layers) / (ep * tp), adamw=adamw + extra_params / tp,
-            act_per_token=act_per_token,
-            largest_layer_act=max(sum(act[l.is_moe].values()) for l in layers) / tp,
-            full_layer_act=max(full[l.is_moe] for l in layers) / tp,
-            n_moe=sum(l.is_moe for l in layers),
-            flops_per_token=(sum(l.flops_per_token + attention_flops for l in layers)
+        ns_flops = sum(_ns_flops(r, c) for r, c in layer.muon_shapes)
+        ns_flops += sum(_ns_flops(r, c) for r, c in layer.expert_shapes) * geo.n_experts / (ep * tp)
+        out.append(_LayerStatics(
+            replicated=(layer.replicated_params + extra_params) / tp, adamw=(layer.adamw_params + extra_params) / tp,
+            experts=layer.expert_params / (ep * tp), act_per_token=act[layer.is_moe] / tp,
+            full_act_per_token=full[layer.is_moe] / tp,
+            flops_per_token=(layer.flops_per_token + attention_flops
                              + (geo.head_flops_per_token() if last else 0.0)) / tp,
-            extra_flops_per_token=sum(extra[l.is_moe][0] for l in layers) / tp,
-            extra_hbm_per_token=sum(extra[l.is_moe][1] for l in layers) / tp,
-            ns_flops=ns_flops, ns_workspace=max(_ns_workspace(r, c) for r, c in shapes)))
-    geo._cache[key] = statics
-    return statics
+            extra_flops_per_token=extra[layer.is_moe][0] / tp, extra_hbm_per_token=extra[layer.is_moe][1] / tp,
+            ns_flops=ns_flops,
+            ns_workspace=max(_ns_workspace(r, c) for r, c in layer.muon_shapes + layer.expert_shapes),
+            is_moe=layer.is_moe))
+    geo._cache[key] = out
+    return out
+
+
+@dataclass
+class StageModel:
+    """What every layer adds to a pipeline stage's time and memory, per GPU, for one layout and set of choices.
+
+    A stage's (or an interleaved rank's) figures are sums and maxima over its layers (`stage_totals`), turned
+    into seconds by `stage_times` and bytes by `stage_memory`. `plan` reports exactly these, so the partition
+    optimises what the plan shows. Times are seconds for all the step's micro-batches.
+    """
+
+    geo: Geometry
+    layout: Layout
+    choices: Choices
+    micro_batches: int
+    layers: list[_LayerStatics]
+    compute_s: list[float]  # matmul FLOPs (+ the lm_head on the last layer) and recompute/FP8 HBM traffic
+    a2a_s: list[float]  # EP dispatch + combine, forward and backward
+    offload_s: list[float]  # activation offload PCIe traffic (out and back)
+    p2p_s: float  # PP send/recv of one pipeline rank, all its chunks
+    params: list[float]  # per-GPU parameters
+    optimizer_bytes: list[float]  # the layer's optimizer-state shard before offload
+    act_bytes: list[float]  # stored activations of one micro-batch
+    a2a_buffer_bytes: float  # dispatch send/recv buffers on a rank with an MoE layer
+    logits_bytes: float  # logits + fp32 loss workspace on the last rank
+    prefix: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("compute_s", "a2a_s", "offload_s", "params", "optimizer_bytes", "act_bytes"):
+            self.prefix[name] = list(itertools.accumulate(getattr(self, name), initial=0.0))
+
+
+@dataclass(frozen=True)
+class StageTotals:
+    compute_s: float
+    a2a_s: float
+    offload_s: float
+    params: float
+    optimizer_bytes: float
+    act_bytes: float  # stored per micro-batch, all the stage's layers
+    largest_act_bytes: float  # stored per micro-batch, its largest layer
+    largest_full_act_bytes: float
+    ns_workspace: float
+    has_moe: bool
+    has_last: bool
+
+
+def stage_model(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware, micro_batches: int) -> StageModel:
+    pp, ep, tp, dp, v = layout.pp, layout.ep, layout.tp, layout.dp, layout.virtual_stages
+    statics = _layer_statics(geo, ep, tp, choices.recompute, choices.fp8_activations, choices.seq_len)
+    tokens_mb = layout.micro_batch * choices.seq_len  # tokens per micro-batch per data replica
+    tokens_rank = micro_batches * tokens_mb  # tokens each GPU's pipeline sees per step (÷ tp is in the statics)
+    compute_rate = hw.peak_flops * hw.matmul_efficiency
+    muon = choices.optimizer == "muonclip"
+    master = 4.0 if choices.master_weights else 0.0
+    muon_state, adam_state = 4.0 + master, 8.0 + master  # bytes/param: momentum | 2 moments (+ fp32 master)
+    # Where the EP group's peers sit: tp innermost, then ep, in the rank order.
+    ep_in_node = max(1, min(ep, hw.gpus_per_node // tp))
+    ep_nvlink_share = (ep_in_node - 1) / (ep - 1) if ep > 1 else 0.0
+    a2a_bytes = tokens_rank / tp * 4 * geo.top_k * geo.hidden * choices.a2a_bytes * (ep - 1) / ep if ep > 1 else 0.0
+    a2a_layer = max(a2a_bytes * ep_nvlink_share / hw.nvlink_bytes_s,
+                    a2a_bytes * (1 - ep_nvlink_share) / hw.nic_bytes_s_per_gpu)
+    p2p = 0.0
+    if pp > 1:  # one activation forward and one gradient backward per chunk per micro-batch
+        mp_in_one_node = pp * ep * tp <= hw.gpus_per_node
+        p2p_bytes = micro_batches * v * 2 * tokens_mb * geo.hidden * 2.0 / tp
+        p2p = p2p_bytes / (hw.nvlink_bytes_s if mp_in_one_node else hw.nic_bytes_s_per_gpu)
+
+    def optimizer(st: _LayerStatics) -> float:
+        # ZeRO-1: replicated parameters have dp × ep replicas to shard over, expert parameters dp.
+        if muon:
+            return ((st.replicated - st.adamw) * muon_state + st.adamw * adam_state) / (dp * ep) \
+                + st.experts * muon_state / dp
+        return st.replicated * adam_state / (dp * ep) + st.experts * adam_state / dp
+
+    optimizer_bytes = [optimizer(st) for st in statics]
+    act_bytes = [st.act_per_token * tokens_mb for st in statics]
+    return StageModel(
+        geo=geo, layout=layout, choices=choices, micro_batches=micro_batches, layers=statics,
+        compute_s=[tokens_rank * (st.flops_per_token + st.extra_flops_per_token) / compute_rate
+                   + tokens_rank * st.extra_hbm_per_token / hw.hbm_bytes_s for st in statics],
+        a2a_s=[a2a_layer if st.is_moe else 0.0 for st in statics],
+        offload_s=[2 * b * micro_batches / hw.pcie_bytes_s if choices.activation_offload else 0.0 for b in act_bytes],
+        p2p_s=p2p,
+        params=[st.replicated + st.experts for st in statics],
+        optimizer_bytes=optimizer_bytes, act_bytes=act_bytes,
+        a2a_buffer_bytes=2 * tokens_mb * geo.top_k * geo.hidden * choices.a2a_bytes / tp if ep > 1 else 0.0,
+        logits_bytes=tokens_mb * geo.vocab / tp * (2.0 + 4.0))
+
+
+def stage_totals(model: StageModel, ranges: Sequence[tuple[int, int]]) -> StageTotals:
+    """Sums and maxima over the layers i..j−1 of each (i, j) in `ranges` (a stage, or an interleaved rank's chunks)."""
+    def total(name: str) -> float:
+        prefix = model.prefix[name]
+        return sum(prefix[j] - prefix[i] for i, j in ranges)
+
+    layers = [st for i, j in ranges for st in model.layers[i:j]]
+    tokens_mb = model.layout.micro_batch * model.choices.seq_len
+    return StageTotals(
+        compute_s=total("compute_s"), a2a_s=total("a2a_s"), offload_s=total("offload_s"),
+        params=total("params"), optimizer_bytes=total("optimizer_bytes"), act_bytes=total("act_bytes"),
+        largest_act_bytes=max(st.act_per_token for st in layers) * tokens_mb,
+        largest_full_act_bytes=max(st.full_act_per_token for st in layers) * tokens_mb,
+        ns_workspace=max(st.ns_workspace for st in layers) if model.choices.optimizer == "muonclip" else 0.0,
+        has_moe=any(st.is_moe for st in layers), has_last=any(j == len(model.layers) for _, j in ranges))
+
+
+def stage_times(model: StageModel, t: StageTotals) -> dict[str, float]:
+    """Seconds a stage is busy in the pipelined part of the step ("busy"), with its parts."""
+    exposed = _exposed(model, t.compute_s, t.a2a_s, t.offload_s)
+    return {"compute (incl. recompute)": t.compute_s, "EP all-to-all (total)": t.a2a_s,
+            "EP all-to-all exposed": exposed[0], "PP send/recv (total)": model.p2p_s,
+            "PP send/recv exposed": exposed[1], "activation offload PCIe (total)": t.offload_s,
+            "activation offload exposed": exposed[2], "busy": t.compute_s + sum(exposed)}
+
+
+def _exposed(model: StageModel, compute: float, a2a: float, offload: float) -> tuple[float, float, float]:
+    """The EP all-to-all, PP send/recv and activation-offload seconds that do not hide behind the compute."""
+    a2a_exposed = a2a - min(model.choices.ep_overlap * a2a, compute)
+    p2p_exposed = max(0.0, model.p2p_s - compute)  # decoupled weight-gradient compute hides it otherwise
+    offload_exposed = max(0.0, offload - compute)
+    return a2a_exposed, p2p_exposed, offload_exposed
+
+
+def stage_memory(model: StageModel, t: StageTotals, rank: int) -> dict[str, float]:
+    """Bytes on one GPU of pipeline rank `rank` holding the stage, by component."""
+    choices = model.choices
+    stored = t.act_bytes * in_flight(model.layout, rank, model.micro_batches, choices.extra_warmup)
+    gpu_acts = min(stored, choices.offload_window * t.largest_act_bytes) if choices.activation_offload else stored
+    # Transient: one layer's full (un-saved) activations while it runs or recomputes, the all-to-all send/recv
+    # buffers, and the logits + fp32 loss workspace on the last rank.
+    transient = t.largest_full_act_bytes + (model.a2a_buffer_bytes if t.has_moe else 0.0) \
+        + (model.logits_bytes if t.has_last else 0.0)
+    return {"bf16 weights": 2.0 * t.params, "fp32 grad buffer": 4.0 * t.params,
+            "optimizer states (GPU part)": t.optimizer_bytes * (1 - choices.optimizer_offload), "activations (GPU-resident)": gpu_acts,
+            "Newton–Schulz workspace": t.ns_workspace, "transient working set": transient,
+            "reserve": choices.reserve_gb * GB}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The compute-aware partition
+
+
+def balance_pipeline(model: StageModel, capacity: float) -> tuple[list[list[int]], list[str]]:
+    """The pp × v chunks of layers `plan` uses (chunk c on pipeline rank c mod pp), and notes for the user.
+
+    Objective: minimise the slowest pipeline rank's busy time (compute + the communication it cannot hide: the
+    pace of the pipeline), subject to every rank's GPU memory ≤ `capacity`; tie-break on the largest rank
+    memory. The embedding, the lm_head and each MTP module (with its own lm_head pass) are costs of the first /
+    last layers, so the first and last stages get fewer decoder layers when those are heavy.
+
+    v = 1: exact, by `partition_min_max` (binary search on the bottleneck, greedy check).
+    v > 1 (interleaved): rank r holds chunks r, r + pp, …, so a rank's time is a sum over non-adjacent chunks
+    and the greedy argument no longer applies. A local search instead moves one chunk boundary by one layer
+    while that lowers (memory overflow, rank times sorted slowest first, peak memory) lexicographically,
+    starting from the parameter-balanced and the compute-balanced chunks; the better result is kept (so it is
+    never slower than the parameter-balanced partition that `--balance memory` gives).
+    When no partition fits, the one with the smallest peak memory is returned and a note says so.
+    """
+    n, pp, chunks = len(model.layers), model.layout.pp, model.layout.pp * model.layout.virtual_stages
+    notes: list[str] = []
+    if model.layout.virtual_stages == 1:
+        compute, a2a, offload = (model.prefix[k] for k in ("compute_s", "a2a_s", "offload_s"))
+
+        def stage_time(i: int, j: int) -> float:
+            c = compute[j] - compute[i]
+            return c + sum(_exposed(model, c, a2a[j] - a2a[i], offload[j] - offload[i]))
+
+        def stage_peak(i: int, j: int, rank: int) -> float:
+            return sum(stage_memory(model, stage_totals(model, [(i, j)]), rank).values())
+
+        runs = partition_min_max(n, pp, stage_time, stage_peak, capacity)
+        if runs is None:
+            notes.append(f"no pipeline partition fits in {capacity / GB:g} GB per GPU; shown: the one with the "
+                         f"smallest peak memory")
+            return partition_min_max(n, pp, lambda i, j: 0.0, stage_peak) or [], notes  # type: ignore[return-value]
+        unconstrained = partition_min_max(n, pp, stage_time)
+        assert unconstrained is not None
+        slowest = max(stage_time(r[0], r[-1] + 1) for r in runs)
+        fastest = max(stage_time(r[0], r[-1] + 1) for r in unconstrained)
+        if slowest > fastest * (1 + 1e-9):
+            notes.append(f"GPU memory forces pipeline imbalance: the slowest stage is busy {slowest:.1f} s per step, "
+                         f"{fastest:.1f} s with unlimited memory ({_layer_counts(unconstrained)} layers per stage)")
+        return runs, notes
+
+    compute_costs = [c + (1 - model.choices.ep_overlap) * a for c, a in zip(model.compute_s, model.a2a_s)]
+    best_key, best_runs, blocked = None, None, False
+    for seed in (memory_balanced_runs(model.geo, model.layout), partition_layers(compute_costs, chunks)):
+        key, runs, memory_blocked = _refine_interleaved(model, seed, capacity)
+        if best_key is None or key < best_key:
+            best_key, best_runs, blocked = key, runs, memory_blocked
+    assert best_key is not None and best_runs is not None
+    if best_key[0] > 0:
+        notes.append(f"no pipeline partition found that fits in {capacity / GB:g} GB per GPU")
+    elif blocked:
+        notes.append("GPU memory forces pipeline imbalance: moving a layer off the slowest rank would overflow "
+                     "a neighbour's memory")
+    return best_runs, notes
+
+
+def _layer_counts(runs: list[list[int]]) -> str:
+    return "/".join(str(len(r)) for r in runs)
+
+
+def _refine_interleaved(model: StageModel, runs: list[list[int]], capacity: float
+                        ) -> tuple[tuple[float, list[float], float], list[list[int]], bool]:
+    """Local search over chunk boundaries (see `balance_pipeline`): (key, chunks, memory blocked a better move)."""
+    n, pp, chunks = len(model.layers), model.layout.pp, len(runs)
+    bounds = [run[0] for run in runs] + [n]  # chunk c = layers bounds[c] .. bounds[c + 1] − 1
+
+    def evaluate(rank: int) -> tuple[float, float]:
+        t = stage_totals(model, [(bounds[c], bounds[c + 1]) for c in range(rank, chunks, pp)])
+        return stage_times(model, t)["busy"], sum(stage_memory(model, t, rank).values())
+
+    def key(ranks: list[tuple[float, float]]) -> tuple[float, list[float], float]:
+        peak = max(m for _, m in ranks)
+        return max(0.0, peak - capacity), sorted((float(f"{t:.12g}") for t, _ in ranks), reverse=True), peak
+
+    ranks = [evaluate(r) for r in range(pp)]
+    best = key(ranks)
+    improved, blocked = True, False
+    while improved:
+        improved, blocked = False, False
+        for c in range(chunks - 1):
+            for step in (-1, 1):
+                boundary = bounds[c + 1] + step
+                if not bounds[c] < boundary < bounds[c + 2]:
+                    continue  # both chunks keep at least one layer
+                old, bounds[c + 1] = bounds[c + 1], boundary
+                trial = list(ranks)
+                for r in {c % pp, (c + 1) % pp}:
+                    trial[r] = evaluate(r)
+                candidate = key(trial)
+                if candidate < best:
+                    best, ranks, improved = candidate, trial, True
+                else:
+                    bounds[c + 1] = old
+                    blocked |= candidate[0] > best[0] and candidate[1] < best[1]
+    return best, [list(range(bounds[c], bounds[c + 1])) for c in range(chunks)], blocked
+
+
+# --------------------------------------------------------------------------------------------------------------
+# plan(): every pipeline rank's memory and time from the stage model
 
 
 def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hardware = Hardware()) -> Plan:
@@ -563,102 +862,53 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
     geo = cfg_or_geo if isinstance(cfg_or_geo, Geometry) else geometry(cfg_or_geo)
     micro_batches = validate(geo, layout, choices, hw)
     pp, ep, tp, dp, v = layout.pp, layout.ep, layout.tp, layout.dp, layout.virtual_stages
-    tokens_mb = layout.micro_batch * choices.seq_len  # tokens per micro-batch per data replica
-    tokens_rank = micro_batches * tokens_mb  # tokens each GPU's pipeline sees per step (÷ tp is in the statics)
+    tokens_rank = micro_batches * layout.micro_batch * choices.seq_len  # per data replica per step
     muon = choices.optimizer == "muonclip"
-    master = 4.0 if choices.master_weights else 0.0
-    muon_state, adam_state = 4.0 + master, 8.0 + master  # bytes/param: momentum | 2 moments (+ fp32 master)
     compute_rate = hw.peak_flops * hw.matmul_efficiency
-
-    # Where the EP group's peers sit: tp innermost, then ep, in the rank order.
-    ep_in_node = max(1, min(ep, hw.gpus_per_node // tp))
-    ep_nvlink_share = (ep_in_node - 1) / (ep - 1) if ep > 1 else 0.0
-    mp_in_one_node = pp * ep * tp <= hw.gpus_per_node
+    model = stage_model(geo, layout, choices, hw, micro_batches)
+    if choices.balance == "memory":
+        runs, partition_notes = memory_balanced_runs(geo, layout), []
+    else:
+        runs, partition_notes = balance_pipeline(model, hw.gpu_mem_gb * GB)
 
     ranks: list[RankPlan] = []
-    for st in _rank_statics(geo, layout, choices.recompute, choices.fp8_activations, choices.seq_len):
-        params = st.replicated + st.experts
-        if muon:
-            replicated_muon, expert_muon = st.replicated - st.adamw, st.experts
-            # ZeRO-1: replicated parameters have dp × ep replicas to shard over, expert parameters dp.
-            optimizer_bytes = (replicated_muon * muon_state + st.adamw * adam_state) / (dp * ep)
-            optimizer_bytes += st.experts * muon_state / dp
-        else:
-            replicated_muon = expert_muon = 0.0
-            optimizer_bytes = st.replicated * adam_state / (dp * ep) + st.experts * adam_state / dp
-
-        # Activations: per micro-batch over this rank's layers, times what the schedule keeps in flight.
-        stored_per_mb = sum(st.act_per_token.values()) * tokens_mb
-        n_in_flight = in_flight(layout, st.rank, micro_batches, choices.extra_warmup)
-        stored = stored_per_mb * n_in_flight
-        if choices.activation_offload:
-            gpu_acts = min(stored, choices.offload_window * st.largest_layer_act * tokens_mb)
-        else:
-            gpu_acts = stored
-
-        # Transient: one layer's full (un-saved) activations while it runs or recomputes, the all-to-all
-        # send/recv buffers, and the logits + fp32 loss workspace on the last rank.
-        transient = st.full_layer_act * tokens_mb
-        if st.n_moe and ep > 1:
-            transient += 2 * tokens_mb * geo.top_k * geo.hidden * choices.a2a_bytes / tp
-        if st.last:
-            transient += tokens_mb * geo.vocab / tp * (2.0 + 4.0)
-
-        ns_workspace = st.ns_workspace if muon else 0.0
-        memory = {
-            "bf16 weights": 2.0 * params,
-            "fp32 grad buffer": 4.0 * params,
-            "optimizer states (GPU part)": optimizer_bytes * (1 - choices.optimizer_offload),
-            "activations (GPU-resident)": gpu_acts,
-            "Newton–Schulz workspace": ns_workspace,
-            "transient working set": transient,
-            "reserve": choices.reserve_gb * GB,
-        }
-        host = optimizer_bytes * choices.optimizer_offload + (stored - gpu_acts)
-
-        # ---- this rank's time in the pipelined part of the step (all micro-batches)
-        compute = (tokens_rank * (st.flops_per_token + st.extra_flops_per_token) / compute_rate
-                   + tokens_rank * st.extra_hbm_per_token / hw.hbm_bytes_s)
-        a2a = 0.0
-        if ep > 1 and st.n_moe:  # dispatch + combine, forward and backward, of top_k copies of each token
-            a2a_bytes = tokens_rank / tp * st.n_moe * 4 * geo.top_k * geo.hidden * choices.a2a_bytes * (ep - 1) / ep
-            a2a = max(a2a_bytes * ep_nvlink_share / hw.nvlink_bytes_s,
-                      a2a_bytes * (1 - ep_nvlink_share) / hw.nic_bytes_s_per_gpu)
-        a2a_exposed = a2a - min(choices.ep_overlap * a2a, compute)
-        p2p = 0.0
-        if pp > 1:  # one activation forward and one gradient backward per chunk per micro-batch
-            p2p_bytes = micro_batches * v * 2 * tokens_mb * geo.hidden * 2.0 / tp
-            p2p = p2p_bytes / (hw.nvlink_bytes_s if mp_in_one_node else hw.nic_bytes_s_per_gpu)
-        p2p_exposed = max(0.0, p2p - compute)  # decoupled weight-gradient compute hides it otherwise
-        offload = 2 * stored_per_mb * micro_batches / hw.pcie_bytes_s if choices.activation_offload else 0.0
-        offload_exposed = max(0.0, offload - compute)
+    for rank in range(pp):
+        chunks = runs[rank::pp]
+        ids = [i for chunk in chunks for i in chunk]
+        totals = stage_totals(model, [(chunk[0], chunk[-1] + 1) for chunk in chunks])
+        memory = stage_memory(model, totals, rank)
+        times = stage_times(model, totals)
+        busy = times.pop("busy")
+        layers = [model.layers[i] for i in ids]
+        replicated, experts = sum(st.replicated for st in layers), sum(st.experts for st in layers)
+        replicated_muon = replicated - sum(st.adamw for st in layers) if muon else 0.0
+        expert_muon = experts if muon else 0.0
+        n_in_flight = in_flight(layout, rank, micro_batches, choices.extra_warmup)
+        stored = totals.act_bytes * n_in_flight
+        host = totals.optimizer_bytes * choices.optimizer_offload + (stored - memory["activations (GPU-resident)"])
 
         # ---- optimizer phase (after the pipeline drains; counted as exposed)
         # ZeRO-1 AdamW moves fp32 reduce-scatter + all-gather (spec §2.4 accounting: 4 + 4 B/param); MuonClip adds
         # a bf16 DP-gather of the momentum-updated gradient of every Muon parameter (2 B/param).
         share_r = (dp * ep - 1) / (dp * ep)
         share_e = (dp - 1) / dp
-        dp_bytes_adamw = 8.0 * (st.replicated * share_r + st.experts * share_e)
+        dp_bytes_adamw = 8.0 * (replicated * share_r + experts * share_e)
         dp_bytes = dp_bytes_adamw + 2.0 * (replicated_muon * share_r + expert_muon * share_e)
         dp_time = dp_bytes / hw.nic_bytes_s_per_gpu
         tp_gather = (replicated_muon + expert_muon) * 2.0 * (tp - 1) / hw.nvlink_bytes_s
-        ns_time = st.ns_flops / compute_rate if muon else 0.0
-        shard_params = st.replicated / (dp * ep) + st.experts / dp
-        state_per_param = optimizer_bytes / shard_params if shard_params else 0.0
+        ns_time = sum(st.ns_flops for st in layers) / compute_rate if muon else 0.0
+        shard_params = replicated / (dp * ep) + experts / dp
+        state_per_param = totals.optimizer_bytes / shard_params if shard_params else 0.0
         update_time = shard_params * (2 * state_per_param + 4.0 + 2.0) / hw.hbm_bytes_s
-        opt_offload_time = 2 * optimizer_bytes * choices.optimizer_offload / hw.pcie_bytes_s
-
-        times = {
-            "compute (incl. recompute)": compute, "EP all-to-all (total)": a2a, "EP all-to-all exposed": a2a_exposed,
-            "PP send/recv (total)": p2p, "PP send/recv exposed": p2p_exposed,
-            "activation offload PCIe (total)": offload, "activation offload exposed": offload_exposed,
+        opt_offload_time = 2 * totals.optimizer_bytes * choices.optimizer_offload / hw.pcie_bytes_s
+        times.update({
             "DP reduce-scatter + gathers": dp_time + tp_gather, "DP bytes": dp_bytes,
             "DP bytes AdamW": dp_bytes_adamw, "Newton–Schulz": ns_time, "optimizer update": update_time,
             "optimizer offload PCIe": opt_offload_time,
-        }
-        ranks.append(RankPlan(rank=st.rank, layers=st.layers, params=params, memory=memory, host_bytes=host,
-                              compute_s=compute, busy_s=compute + a2a_exposed + p2p_exposed + offload_exposed,
-                              times=times, activations_per_micro_batch=stored_per_mb, in_flight=n_in_flight))
+        })
+        ranks.append(RankPlan(rank=rank, layers=ids, params=totals.params, memory=memory, host_bytes=host,
+                              compute_s=totals.compute_s, busy_s=busy, times=times,
+                              activations_per_micro_batch=totals.act_bytes, in_flight=n_in_flight))
 
     slowest = max(ranks, key=lambda r: r.busy_s)
     steady = slowest.busy_s
@@ -683,7 +933,7 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
     dp_adamw = sum(r.times["DP bytes AdamW"] for r in ranks)
     dp_ratio = sum(r.times["DP bytes"] for r in ranks) / dp_adamw if dp_adamw else 1.0
 
-    reasons, notes = [], []
+    reasons, notes = [], list(partition_notes)
     if worst.total_memory > hw.gpu_mem_gb * GB:
         reasons.append(f"GPU memory {worst.total_memory / GB:.1f} GB on pipeline rank {worst.rank} > "
                        f"{hw.gpu_mem_gb:g} GB")
@@ -737,7 +987,9 @@ def fit(cfg_or_geo: Any, hw: Hardware, max_gpus: int, base: Choices = Choices(),
 
     GPU counts are whole nodes (or a part of one node). For each layout and on/off choice of recompute, FP8
     storage and activation offload, the smallest optimizer-offload fraction on the grid that fits is taken (more
-    offload only costs time); it is solved for directly from the plan without offload.
+    offload only costs time); it is solved for directly from the plan without offload. Candidates are screened
+    with the parameter-balanced pipeline partition (cheap, cached); those that fit are planned again with
+    `base.balance` (a layout that fits only with a memory-aware uneven partition can be missed).
     """
     geo = cfg_or_geo if isinstance(cfg_or_geo, Geometry) else geometry(cfg_or_geo)
     if pp_options is None:
@@ -774,8 +1026,10 @@ def fit(cfg_or_geo: Any, hw: Hardware, max_gpus: int, base: Choices = Choices(),
                         rejected[invalid] = rejected.get(invalid, 0) + 1
                         continue
                     for recompute, fp8, act_offload in toggles:
+                        # Screen with the (cached) parameter-balanced partition; re-plan what fits with base's.
                         choices = dataclasses.replace(base, recompute=recompute, fp8_activations=fp8,
-                                                      activation_offload=act_offload, optimizer_offload=0.0)
+                                                      activation_offload=act_offload, optimizer_offload=0.0,
+                                                      balance="memory")
                         candidate = plan(geo, layout, choices, hw)
                         evaluated += 1
                         if not candidate.fits:
@@ -789,6 +1043,10 @@ def fit(cfg_or_geo: Any, hw: Hardware, max_gpus: int, base: Choices = Choices(),
                                              hw)
                             evaluated += 1
                         if candidate.fits:
+                            if base.balance != "memory":  # fits too: the memory-balanced chunks are a candidate
+                                candidate = plan(geo, layout, dataclasses.replace(candidate.choices,
+                                                                                  balance=base.balance), hw)
+                                evaluated += 1
                             fitting.append(candidate)
                         else:
                             reject("host memory per node" if candidate.host_bytes_per_node > hw.host_mem_gb * GB
