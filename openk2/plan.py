@@ -346,6 +346,7 @@ def partition_min_max(n_layers: int, stages: int, stage_time: Callable[[int, int
     if not 1 <= stages <= n_layers:
         raise PlanError(f"cannot cut {n_layers} layers into {stages} pipeline stages (--pp × --virtual-stages)")
     slack = 1 + 1e-12  # the limits are values of the same functions; the slack only absorbs rounding
+    times = {(i, j): stage_time(i, j) for i in range(n_layers) for j in range(i + 1, n_layers + 1)}
 
     def greedy(time_limit: float, memory_limit: float) -> list[list[int]] | None:
         stages_out: list[list[int]] = []
@@ -353,7 +354,7 @@ def partition_min_max(n_layers: int, stages: int, stage_time: Callable[[int, int
         for s in range(stages):
             last_end = n_layers - (stages - 1 - s)  # leave one layer for each later stage
             end = start
-            while end < last_end and stage_time(start, end + 1) <= time_limit * slack and (
+            while end < last_end and times[start, end + 1] <= time_limit * slack and (
                     stage_memory is None or stage_memory(start, end + 1, s) <= memory_limit * slack):
                 end += 1
             if end == start:
@@ -366,7 +367,7 @@ def partition_min_max(n_layers: int, stages: int, stage_time: Callable[[int, int
         assert stage_memory is not None
         return max(stage_memory(run[0], run[-1] + 1, s) for s, run in enumerate(runs))
 
-    candidates = sorted({stage_time(i, j) for i in range(n_layers) for j in range(i + 1, n_layers + 1)})
+    candidates = sorted(set(times.values()))
     best = greedy(candidates[-1], capacity)
     if best is None:
         return None
@@ -480,6 +481,7 @@ class Plan:
     micro_batches: int  # per pipeline per step
     ranks: list[RankPlan]
     worst: RankPlan  # the pipeline rank with the largest GPU memory
+    bottleneck: RankPlan  # the pipeline rank with the longest busy time: it sets the pipeline's pace
     step_s: float
     time_breakdown: dict[str, float]
     model_flops_per_step: float
@@ -500,6 +502,9 @@ class Plan:
             "choices": dataclasses.asdict(self.choices), "micro_batches": self.micro_batches,
             "memory_gb": {k: v / GB for k, v in self.worst.memory.items()},
             "peak_gpu_memory_gb": self.worst.total_memory / GB, "worst_pp_rank": self.worst.rank,
+            "bottleneck_pp_rank": self.bottleneck.rank,
+            "stages": [{"rank": r.rank, "layers": r.layers, "busy_s": r.busy_s, "compute_s": r.compute_s,
+                        "memory_gb": r.total_memory / GB, "host_gb": r.host_bytes / GB} for r in self.ranks],
             "mean_params_grads_gb": self.mean_params_grads_bytes / GB,
             "unique_params_grads_tb": self.unique_params_grads_bytes / 1e12,
             "host_gb_per_node": self.host_bytes_per_node / GB,
@@ -569,49 +574,60 @@ def in_flight(layout: Layout, rank: int, micro_batches: int, extra_warmup: int) 
 # Stage costs: what each layer adds to a pipeline stage's time and memory
 
 
-@dataclass(frozen=True)
-class _LayerStatics:
-    """One layer's per-GPU figures that depend only on ep, tp, recompute, FP8 and seq_len (cached per geometry)."""
+@dataclass
+class _LayerColumns:
+    """Per-layer, per-GPU figures, one list entry per layer, that depend only on ep, tp, recompute, FP8 and
+    seq_len (cached per geometry). The embedding sits on layer 0, the final norm + lm_head on the last layer."""
 
-    replicated: float  # parameters with dp × ep replicas (embedding / final norm + lm_head on the first / last)
-    adamw: float  # the AdamW part of `replicated` under MuonClip
-    experts: float  # routed-expert parameters (dp replicas)
-    act_per_token: float  # stored activation bytes per token
-    full_act_per_token: float  # un-saved (no recompute, no FP8) bytes per token
-    flops_per_token: float  # model FLOPs incl. causal attention (+ lm_head on the last layer), forward + backward
-    extra_flops_per_token: float  # recompute matmul FLOPs
-    extra_hbm_per_token: float  # recompute / FP8 conversion HBM bytes
-    ns_flops: float  # Newton–Schulz FLOPs for its full Muon matrices (experts: the ep share)
-    ns_workspace: float  # bytes for Newton–Schulz on its largest full Muon matrix
-    is_moe: bool
+    replicated: list[float]  # parameters with dp × ep replicas (attention, dense/shared MLP, router, norms, ...)
+    adamw: list[float]  # the AdamW part of `replicated` under MuonClip
+    experts: list[float]  # routed-expert parameters (dp replicas)
+    act_per_token: list[float]  # stored activation bytes per token
+    full_act_per_token: list[float]  # un-saved (no recompute, no FP8) bytes per token
+    flops_per_token: list[float]  # model + recompute FLOPs incl. causal attention (+ lm_head), forward + backward
+    extra_hbm_per_token: list[float]  # recompute / FP8 conversion HBM bytes
+    ns_flops: list[float]  # Newton–Schulz FLOPs for its full Muon matrices (experts: the ep share)
+    ns_workspace: list[float]  # bytes for Newton–Schulz on its largest full Muon matrix
+    is_moe: list[bool]
+    prefix: dict[str, list[float]] = field(default_factory=dict)  # prefix sums of the additive columns
+
+    def __post_init__(self) -> None:
+        for name in ("replicated", "adamw", "experts", "ns_flops"):
+            self.prefix[name] = list(itertools.accumulate(getattr(self, name), initial=0.0))
 
 
-def _layer_statics(geo: Geometry, ep: int, tp: int, recompute: bool, fp8: bool, seq_len: int) -> list[_LayerStatics]:
-    key = ("layer statics", ep, tp, recompute, fp8, seq_len)
+def _layer_columns(geo: Geometry, ep: int, tp: int, recompute: bool, fp8: bool, seq_len: int) -> _LayerColumns:
+    key = ("layer columns", ep, tp, recompute, fp8, seq_len)
     if key in geo._cache:
         return geo._cache[key]
     act = {kind: sum(activation_bytes_per_token(geo, kind, recompute, fp8).values()) for kind in (False, True)}
     full = {kind: sum(activation_bytes_per_token(geo, kind, False, False).values()) for kind in (False, True)}
     extra = {kind: recompute_costs_per_token(geo, kind, recompute, fp8) for kind in (False, True)}
     attention_flops = geo.attention_flops_per_token(seq_len)
-    out = []
+    columns = _LayerColumns(*([] for _ in range(10)))
     for layer in geo.layers:
         first, last = layer.index == 0, layer.index == geo.num_layers - 1
         extra_params = (geo.embed_params if first else 0.0) + (geo.head_params if last else 0.0)
         ns_flops = sum(_ns_flops(r, c) for r, c in layer.muon_shapes)
         ns_flops += sum(_ns_flops(r, c) for r, c in layer.expert_shapes) * geo.n_experts / (ep * tp)
-        out.append(_LayerStatics(
-            replicated=(layer.replicated_params + extra_params) / tp, adamw=(layer.adamw_params + extra_params) / tp,
-            experts=layer.expert_params / (ep * tp), act_per_token=act[layer.is_moe] / tp,
-            full_act_per_token=full[layer.is_moe] / tp,
-            flops_per_token=(layer.flops_per_token + attention_flops
-                             + (geo.head_flops_per_token() if last else 0.0)) / tp,
-            extra_flops_per_token=extra[layer.is_moe][0] / tp, extra_hbm_per_token=extra[layer.is_moe][1] / tp,
-            ns_flops=ns_flops,
-            ns_workspace=max(_ns_workspace(r, c) for r, c in layer.muon_shapes + layer.expert_shapes),
-            is_moe=layer.is_moe))
-    geo._cache[key] = out
-    return out
+        columns.replicated.append((layer.replicated_params + extra_params) / tp)
+        columns.adamw.append((layer.adamw_params + extra_params) / tp)
+        columns.experts.append(layer.expert_params / (ep * tp))
+        columns.act_per_token.append(act[layer.is_moe] / tp)
+        columns.full_act_per_token.append(full[layer.is_moe] / tp)
+        columns.flops_per_token.append((layer.flops_per_token + attention_flops + extra[layer.is_moe][0]
+                                        + (geo.head_flops_per_token() if last else 0.0)) / tp)
+        columns.extra_hbm_per_token.append(extra[layer.is_moe][1] / tp)
+        columns.ns_flops.append(ns_flops)
+        columns.ns_workspace.append(max(_ns_workspace(r, c) for r, c in layer.muon_shapes + layer.expert_shapes))
+        columns.is_moe.append(layer.is_moe)
+    columns.__post_init__()
+    geo._cache[key] = columns
+    return columns
+
+
+def _range_sum(prefix: list[float], ranges: Sequence[tuple[int, int]]) -> float:
+    return sum(prefix[j] - prefix[i] for i, j in ranges)
 
 
 @dataclass
@@ -627,7 +643,7 @@ class StageModel:
     layout: Layout
     choices: Choices
     micro_batches: int
-    layers: list[_LayerStatics]
+    columns: _LayerColumns
     compute_s: list[float]  # matmul FLOPs (+ the lm_head on the last layer) and recompute/FP8 HBM traffic
     a2a_s: list[float]  # EP dispatch + combine, forward and backward
     offload_s: list[float]  # activation offload PCIe traffic (out and back)
@@ -642,6 +658,10 @@ class StageModel:
     def __post_init__(self) -> None:
         for name in ("compute_s", "a2a_s", "offload_s", "params", "optimizer_bytes", "act_bytes"):
             self.prefix[name] = list(itertools.accumulate(getattr(self, name), initial=0.0))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.params)
 
 
 @dataclass(frozen=True)
@@ -661,9 +681,9 @@ class StageTotals:
 
 def stage_model(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware, micro_batches: int) -> StageModel:
     pp, ep, tp, dp, v = layout.pp, layout.ep, layout.tp, layout.dp, layout.virtual_stages
-    statics = _layer_statics(geo, ep, tp, choices.recompute, choices.fp8_activations, choices.seq_len)
+    col = _layer_columns(geo, ep, tp, choices.recompute, choices.fp8_activations, choices.seq_len)
     tokens_mb = layout.micro_batch * choices.seq_len  # tokens per micro-batch per data replica
-    tokens_rank = micro_batches * tokens_mb  # tokens each GPU's pipeline sees per step (÷ tp is in the statics)
+    tokens_rank = micro_batches * tokens_mb  # tokens each GPU's pipeline sees per step (÷ tp is in the columns)
     compute_rate = hw.peak_flops * hw.matmul_efficiency
     muon = choices.optimizer == "muonclip"
     master = 4.0 if choices.master_weights else 0.0
@@ -679,24 +699,21 @@ def stage_model(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware, m
         mp_in_one_node = pp * ep * tp <= hw.gpus_per_node
         p2p_bytes = micro_batches * v * 2 * tokens_mb * geo.hidden * 2.0 / tp
         p2p = p2p_bytes / (hw.nvlink_bytes_s if mp_in_one_node else hw.nic_bytes_s_per_gpu)
-
-    def optimizer(st: _LayerStatics) -> float:
-        # ZeRO-1: replicated parameters have dp × ep replicas to shard over, expert parameters dp.
-        if muon:
-            return ((st.replicated - st.adamw) * muon_state + st.adamw * adam_state) / (dp * ep) \
-                + st.experts * muon_state / dp
-        return st.replicated * adam_state / (dp * ep) + st.experts * adam_state / dp
-
-    optimizer_bytes = [optimizer(st) for st in statics]
-    act_bytes = [st.act_per_token * tokens_mb for st in statics]
+    # ZeRO-1: replicated parameters have dp × ep replicas to shard over, expert parameters dp.
+    if muon:
+        optimizer_bytes = [((r - a) * muon_state + a * adam_state) / (dp * ep) + e * muon_state / dp
+                           for r, a, e in zip(col.replicated, col.adamw, col.experts)]
+    else:
+        optimizer_bytes = [r * adam_state / (dp * ep) + e * adam_state / dp for r, e in zip(col.replicated, col.experts)]
+    act_bytes = [a * tokens_mb for a in col.act_per_token]
+    offload_rate = 2 * micro_batches / hw.pcie_bytes_s if choices.activation_offload else 0.0
     return StageModel(
-        geo=geo, layout=layout, choices=choices, micro_batches=micro_batches, layers=statics,
-        compute_s=[tokens_rank * (st.flops_per_token + st.extra_flops_per_token) / compute_rate
-                   + tokens_rank * st.extra_hbm_per_token / hw.hbm_bytes_s for st in statics],
-        a2a_s=[a2a_layer if st.is_moe else 0.0 for st in statics],
-        offload_s=[2 * b * micro_batches / hw.pcie_bytes_s if choices.activation_offload else 0.0 for b in act_bytes],
-        p2p_s=p2p,
-        params=[st.replicated + st.experts for st in statics],
+        geo=geo, layout=layout, choices=choices, micro_batches=micro_batches, columns=col,
+        compute_s=[tokens_rank * f / compute_rate + tokens_rank * h / hw.hbm_bytes_s
+                   for f, h in zip(col.flops_per_token, col.extra_hbm_per_token)],
+        a2a_s=[a2a_layer if moe else 0.0 for moe in col.is_moe],
+        offload_s=[b * offload_rate for b in act_bytes], p2p_s=p2p,
+        params=[r + e for r, e in zip(col.replicated, col.experts)],
         optimizer_bytes=optimizer_bytes, act_bytes=act_bytes,
         a2a_buffer_bytes=2 * tokens_mb * geo.top_k * geo.hidden * choices.a2a_bytes / tp if ep > 1 else 0.0,
         logits_bytes=tokens_mb * geo.vocab / tp * (2.0 + 4.0))
@@ -704,19 +721,18 @@ def stage_model(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware, m
 
 def stage_totals(model: StageModel, ranges: Sequence[tuple[int, int]]) -> StageTotals:
     """Sums and maxima over the layers i..j−1 of each (i, j) in `ranges` (a stage, or an interleaved rank's chunks)."""
-    def total(name: str) -> float:
-        prefix = model.prefix[name]
-        return sum(prefix[j] - prefix[i] for i, j in ranges)
-
-    layers = [st for i, j in ranges for st in model.layers[i:j]]
+    col, prefix = model.columns, model.prefix
     tokens_mb = model.layout.micro_batch * model.choices.seq_len
     return StageTotals(
-        compute_s=total("compute_s"), a2a_s=total("a2a_s"), offload_s=total("offload_s"),
-        params=total("params"), optimizer_bytes=total("optimizer_bytes"), act_bytes=total("act_bytes"),
-        largest_act_bytes=max(st.act_per_token for st in layers) * tokens_mb,
-        largest_full_act_bytes=max(st.full_act_per_token for st in layers) * tokens_mb,
-        ns_workspace=max(st.ns_workspace for st in layers) if model.choices.optimizer == "muonclip" else 0.0,
-        has_moe=any(st.is_moe for st in layers), has_last=any(j == len(model.layers) for _, j in ranges))
+        compute_s=_range_sum(prefix["compute_s"], ranges), a2a_s=_range_sum(prefix["a2a_s"], ranges),
+        offload_s=_range_sum(prefix["offload_s"], ranges), params=_range_sum(prefix["params"], ranges),
+        optimizer_bytes=_range_sum(prefix["optimizer_bytes"], ranges),
+        act_bytes=_range_sum(prefix["act_bytes"], ranges),
+        largest_act_bytes=max(max(col.act_per_token[i:j]) for i, j in ranges) * tokens_mb,
+        largest_full_act_bytes=max(max(col.full_act_per_token[i:j]) for i, j in ranges) * tokens_mb,
+        ns_workspace=max(max(col.ns_workspace[i:j]) for i, j in ranges)
+        if model.choices.optimizer == "muonclip" else 0.0,
+        has_moe=any(any(col.is_moe[i:j]) for i, j in ranges), has_last=any(j == model.num_layers for _, j in ranges))
 
 
 def stage_times(model: StageModel, t: StageTotals) -> dict[str, float]:
@@ -771,7 +787,7 @@ def balance_pipeline(model: StageModel, capacity: float) -> tuple[list[list[int]
     never slower than the parameter-balanced partition that `--balance memory` gives).
     When no partition fits, the one with the smallest peak memory is returned and a note says so.
     """
-    n, pp, chunks = len(model.layers), model.layout.pp, model.layout.pp * model.layout.virtual_stages
+    n, pp, chunks = model.num_layers, model.layout.pp, model.layout.pp * model.layout.virtual_stages
     notes: list[str] = []
     if model.layout.virtual_stages == 1:
         compute, a2a, offload = (model.prefix[k] for k in ("compute_s", "a2a_s", "offload_s"))
@@ -780,8 +796,12 @@ def balance_pipeline(model: StageModel, capacity: float) -> tuple[list[list[int]
             c = compute[j] - compute[i]
             return c + sum(_exposed(model, c, a2a[j] - a2a[i], offload[j] - offload[i]))
 
+        peaks: dict[tuple[int, int, int], float] = {}  # the greedy passes ask for the same stages again
+
         def stage_peak(i: int, j: int, rank: int) -> float:
-            return sum(stage_memory(model, stage_totals(model, [(i, j)]), rank).values())
+            if (i, j, rank) not in peaks:
+                peaks[i, j, rank] = sum(stage_memory(model, stage_totals(model, [(i, j)]), rank).values())
+            return peaks[i, j, rank]
 
         runs = partition_min_max(n, pp, stage_time, stage_peak, capacity)
         if runs is None:
@@ -809,6 +829,14 @@ def balance_pipeline(model: StageModel, capacity: float) -> tuple[list[list[int]
     elif blocked:
         notes.append("GPU memory forces pipeline imbalance: moving a layer off the slowest rank would overflow "
                      "a neighbour's memory")
+    times = [best_key[1][0]]  # the slowest rank's time (rounded), to find which rank it is
+    for rank in range(pp):
+        own = best_runs[rank::pp]
+        t = stage_times(model, stage_totals(model, [(c[0], c[-1] + 1) for c in own]))["busy"]
+        if float(f"{t:.12g}") == times[0] and all(len(c) == 1 for c in own):
+            notes.append(f"pipeline rank {rank} is the slowest with one layer per chunk (interleaving gives every "
+                         f"rank at least one layer per chunk): --virtual-stages 1 can give it fewer layers")
+            break
     return best_runs, notes
 
 
@@ -819,7 +847,7 @@ def _layer_counts(runs: list[list[int]]) -> str:
 def _refine_interleaved(model: StageModel, runs: list[list[int]], capacity: float
                         ) -> tuple[tuple[float, list[float], float], list[list[int]], bool]:
     """Local search over chunk boundaries (see `balance_pipeline`): (key, chunks, memory blocked a better move)."""
-    n, pp, chunks = len(model.layers), model.layout.pp, len(runs)
+    n, pp, chunks = model.num_layers, model.layout.pp, len(runs)
     bounds = [run[0] for run in runs] + [n]  # chunk c = layers bounds[c] .. bounds[c + 1] − 1
 
     def evaluate(rank: int) -> tuple[float, float]:
@@ -861,61 +889,24 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
     """Memory per GPU and step time for one layout. Raises PlanError for impossible layouts."""
     geo = cfg_or_geo if isinstance(cfg_or_geo, Geometry) else geometry(cfg_or_geo)
     micro_batches = validate(geo, layout, choices, hw)
-    pp, ep, tp, dp, v = layout.pp, layout.ep, layout.tp, layout.dp, layout.virtual_stages
+    pp, ep, dp = layout.pp, layout.ep, layout.dp
     tokens_rank = micro_batches * layout.micro_batch * choices.seq_len  # per data replica per step
-    muon = choices.optimizer == "muonclip"
-    compute_rate = hw.peak_flops * hw.matmul_efficiency
     model = stage_model(geo, layout, choices, hw, micro_batches)
     if choices.balance == "memory":
-        runs, partition_notes = memory_balanced_runs(geo, layout), []
+        ranks, partition_notes = _rank_plans(model, memory_balanced_runs(geo, layout), hw), []
     else:
         runs, partition_notes = balance_pipeline(model, hw.gpu_mem_gb * GB)
-
-    ranks: list[RankPlan] = []
-    for rank in range(pp):
-        chunks = runs[rank::pp]
-        ids = [i for chunk in chunks for i in chunk]
-        totals = stage_totals(model, [(chunk[0], chunk[-1] + 1) for chunk in chunks])
-        memory = stage_memory(model, totals, rank)
-        times = stage_times(model, totals)
-        busy = times.pop("busy")
-        layers = [model.layers[i] for i in ids]
-        replicated, experts = sum(st.replicated for st in layers), sum(st.experts for st in layers)
-        replicated_muon = replicated - sum(st.adamw for st in layers) if muon else 0.0
-        expert_muon = experts if muon else 0.0
-        n_in_flight = in_flight(layout, rank, micro_batches, choices.extra_warmup)
-        stored = totals.act_bytes * n_in_flight
-        host = totals.optimizer_bytes * choices.optimizer_offload + (stored - memory["activations (GPU-resident)"])
-
-        # ---- optimizer phase (after the pipeline drains; counted as exposed)
-        # ZeRO-1 AdamW moves fp32 reduce-scatter + all-gather (spec §2.4 accounting: 4 + 4 B/param); MuonClip adds
-        # a bf16 DP-gather of the momentum-updated gradient of every Muon parameter (2 B/param).
-        share_r = (dp * ep - 1) / (dp * ep)
-        share_e = (dp - 1) / dp
-        dp_bytes_adamw = 8.0 * (replicated * share_r + experts * share_e)
-        dp_bytes = dp_bytes_adamw + 2.0 * (replicated_muon * share_r + expert_muon * share_e)
-        dp_time = dp_bytes / hw.nic_bytes_s_per_gpu
-        tp_gather = (replicated_muon + expert_muon) * 2.0 * (tp - 1) / hw.nvlink_bytes_s
-        ns_time = sum(st.ns_flops for st in layers) / compute_rate if muon else 0.0
-        shard_params = replicated / (dp * ep) + experts / dp
-        state_per_param = totals.optimizer_bytes / shard_params if shard_params else 0.0
-        update_time = shard_params * (2 * state_per_param + 4.0 + 2.0) / hw.hbm_bytes_s
-        opt_offload_time = 2 * totals.optimizer_bytes * choices.optimizer_offload / hw.pcie_bytes_s
-        times.update({
-            "DP reduce-scatter + gathers": dp_time + tp_gather, "DP bytes": dp_bytes,
-            "DP bytes AdamW": dp_bytes_adamw, "Newton–Schulz": ns_time, "optimizer update": update_time,
-            "optimizer offload PCIe": opt_offload_time,
-        })
-        ranks.append(RankPlan(rank=rank, layers=ids, params=totals.params, memory=memory, host_bytes=host,
-                              compute_s=totals.compute_s, busy_s=busy, times=times,
-                              activations_per_micro_batch=totals.act_bytes, in_flight=n_in_flight))
+        ranks = _rank_plans(model, runs, hw)
+        # The partition's objective leaves out the optimizer phase after the pipeline drains (< 1 % of a K2 step):
+        # where the parameter-balanced partition fits with the same slowest stage and a shorter step, keep it.
+        other = _rank_plans(model, memory_balanced_runs(geo, layout), hw)
+        if (max(r.total_memory for r in other) <= hw.gpu_mem_gb * GB
+                and max(r.busy_s for r in other) <= max(r.busy_s for r in ranks) * (1 + 1e-9)
+                and _step_parts(other, layout, micro_batches)[0] < _step_parts(ranks, layout, micro_batches)[0]):
+            ranks = other
 
     slowest = max(ranks, key=lambda r: r.busy_s)
-    steady = slowest.busy_s
-    bubble = steady * (pp - 1) / (v * micro_batches)  # interleaved 1F1B: (pp − 1) / (v · m) of the ideal time
-    optimizer_parts = ("DP reduce-scatter + gathers", "Newton–Schulz", "optimizer update", "optimizer offload PCIe")
-    optimizer_phase = max(sum(r.times[k] for k in optimizer_parts) for r in ranks)
-    step = steady + bubble + optimizer_phase
+    step, bubble, slowest_optimizer = _step_parts(ranks, layout, micro_batches)
     time_breakdown = {
         "compute (slowest pipeline rank)": slowest.compute_s,
         "EP all-to-all exposed": slowest.times["EP all-to-all exposed"],
@@ -923,8 +914,7 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
         "activation offload exposed": slowest.times["activation offload exposed"],
         "pipeline bubble": bubble,
     }
-    slowest_optimizer = max(ranks, key=lambda r: sum(r.times[k] for k in optimizer_parts))
-    time_breakdown.update({k: slowest_optimizer.times[k] for k in optimizer_parts})
+    time_breakdown.update({k: slowest_optimizer.times[k] for k in _OPTIMIZER_PARTS})
     tokens = tokens_rank * dp * ep
     model_flops = tokens * geo.model_flops_per_token(choices.seq_len)
     mfu = model_flops / (step * layout.gpus * hw.peak_flops)
@@ -946,10 +936,74 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
     params_grads = [r.memory["bf16 weights"] + r.memory["fp32 grad buffer"] for r in ranks]
     return Plan(
         layout=layout, choices=choices, hardware=hw, micro_batches=micro_batches, ranks=ranks, worst=worst,
+        bottleneck=slowest,
         step_s=step, time_breakdown=time_breakdown, model_flops_per_step=model_flops, mfu=mfu,
         tokens_per_s=tokens / step, unique_params_grads_bytes=6.0 * geo.counts["total"],
         mean_params_grads_bytes=sum(params_grads) / len(params_grads), host_bytes_per_node=host_per_node,
         dp_comm_ratio_vs_adamw=dp_ratio, fits=not reasons, reasons=reasons, notes=notes, geo=geo)
+
+
+_OPTIMIZER_PARTS = ("DP reduce-scatter + gathers", "Newton–Schulz", "optimizer update", "optimizer offload PCIe")
+
+
+def _step_parts(ranks: list[RankPlan], layout: Layout, micro_batches: int) -> tuple[float, float, RankPlan]:
+    """(step seconds, pipeline bubble, the rank with the longest optimizer phase).
+
+    The slowest rank's busy time sets the pace; interleaved 1F1B adds a bubble of (pp − 1) / (v · m) of it; the
+    optimizer phase (after the pipeline drains) is counted as exposed.
+    """
+    steady = max(r.busy_s for r in ranks)
+    bubble = steady * (layout.pp - 1) / (layout.virtual_stages * micro_batches)
+    slowest_optimizer = max(ranks, key=lambda r: sum(r.times[k] for k in _OPTIMIZER_PARTS))
+    return steady + bubble + sum(slowest_optimizer.times[k] for k in _OPTIMIZER_PARTS), bubble, slowest_optimizer
+
+
+def _rank_plans(model: StageModel, runs: list[list[int]], hw: Hardware) -> list[RankPlan]:
+    """Every pipeline rank's memory and times for the chunks `runs` (chunk c on rank c mod pp)."""
+    layout, choices, micro_batches = model.layout, model.choices, model.micro_batches
+    pp, ep, tp, dp = layout.pp, layout.ep, layout.tp, layout.dp
+    muon = choices.optimizer == "muonclip"
+    compute_rate = hw.peak_flops * hw.matmul_efficiency
+    ranks: list[RankPlan] = []
+    for rank in range(pp):
+        chunks = runs[rank::pp]
+        ids = [i for chunk in chunks for i in chunk]
+        totals = stage_totals(model, [(chunk[0], chunk[-1] + 1) for chunk in chunks])
+        memory = stage_memory(model, totals, rank)
+        times = stage_times(model, totals)
+        busy = times.pop("busy")
+        ranges = [(chunk[0], chunk[-1] + 1) for chunk in chunks]
+        col = model.columns
+        replicated, experts = _range_sum(col.prefix["replicated"], ranges), _range_sum(col.prefix["experts"], ranges)
+        replicated_muon = replicated - _range_sum(col.prefix["adamw"], ranges) if muon else 0.0
+        expert_muon = experts if muon else 0.0
+        n_in_flight = in_flight(layout, rank, micro_batches, choices.extra_warmup)
+        stored = totals.act_bytes * n_in_flight
+        host = totals.optimizer_bytes * choices.optimizer_offload + (stored - memory["activations (GPU-resident)"])
+
+        # ---- optimizer phase (after the pipeline drains; counted as exposed)
+        # ZeRO-1 AdamW moves fp32 reduce-scatter + all-gather (spec §2.4 accounting: 4 + 4 B/param); MuonClip adds
+        # a bf16 DP-gather of the momentum-updated gradient of every Muon parameter (2 B/param).
+        share_r = (dp * ep - 1) / (dp * ep)
+        share_e = (dp - 1) / dp
+        dp_bytes_adamw = 8.0 * (replicated * share_r + experts * share_e)
+        dp_bytes = dp_bytes_adamw + 2.0 * (replicated_muon * share_r + expert_muon * share_e)
+        dp_time = dp_bytes / hw.nic_bytes_s_per_gpu
+        tp_gather = (replicated_muon + expert_muon) * 2.0 * (tp - 1) / hw.nvlink_bytes_s
+        ns_time = _range_sum(col.prefix["ns_flops"], ranges) / compute_rate if muon else 0.0
+        shard_params = replicated / (dp * ep) + experts / dp
+        state_per_param = totals.optimizer_bytes / shard_params if shard_params else 0.0
+        update_time = shard_params * (2 * state_per_param + 4.0 + 2.0) / hw.hbm_bytes_s
+        opt_offload_time = 2 * totals.optimizer_bytes * choices.optimizer_offload / hw.pcie_bytes_s
+        times.update({
+            "DP reduce-scatter + gathers": dp_time + tp_gather, "DP bytes": dp_bytes,
+            "DP bytes AdamW": dp_bytes_adamw, "Newton–Schulz": ns_time, "optimizer update": update_time,
+            "optimizer offload PCIe": opt_offload_time,
+        })
+        ranks.append(RankPlan(rank=rank, layers=ids, params=totals.params, memory=memory, host_bytes=host,
+                              compute_s=totals.compute_s, busy_s=busy, times=times,
+                              activations_per_micro_batch=totals.act_bytes, in_flight=n_in_flight))
+    return ranks
 
 
 def _ns_workspace(rows: int, cols: int) -> float:
@@ -1099,8 +1153,8 @@ def render_plan(p: Plan, console: Any) -> None:
                   f"{p.micro_batches} micro-batches per pipeline; choices: {_choices_text(c)}")
     table = Table(title=f"Per-GPU memory (GB) by pipeline rank; worst = rank {p.worst.rank}")
     table.add_column("component")
-    shown = p.ranks if len(p.ranks) <= 6 else sorted({0, p.worst.rank, len(p.ranks) - 1} | {len(p.ranks) // 2})
-    shown_ranks = [p.ranks[i] for i in sorted(set(shown))] if len(p.ranks) > 6 else p.ranks
+    shown = {0, p.worst.rank, p.bottleneck.rank, len(p.ranks) - 1, len(p.ranks) // 2}
+    shown_ranks = [p.ranks[i] for i in sorted(shown)] if len(p.ranks) > 6 else p.ranks
     for r in shown_ranks:
         table.add_column(f"rank {r.rank}\nlayers {_ranges(r.layers)}", justify="right")
     for name in p.worst.memory:
@@ -1118,6 +1172,7 @@ def render_plan(p: Plan, console: Any) -> None:
                   f"({'interleaved 1F1B' if layout.virtual_stages > 1 else '1F1B'})")
     console.print(f"host memory per node: {p.host_bytes_per_node / GB:.0f} GB of {hw.host_mem_gb:g} GB")
     render_activation_choices(p, console)
+    render_stages(p, console)
 
     times = Table(title="Estimated step time")
     times.add_column("part")
@@ -1138,6 +1193,28 @@ def render_plan(p: Plan, console: Any) -> None:
         console.print(f"note: {note}")
     verdict = "[green]fits[/green]" if p.fits else "[red]does not fit[/red]: " + "; ".join(p.reasons)
     console.print(f"verdict: {verdict}")
+
+
+def render_stages(p: Plan, console: Any) -> None:
+    """One row per pipeline rank: its layers, busy time in the pipelined part of the step, and GPU memory."""
+    from rich.table import Table
+
+    how = "slowest stage, then memory" if p.choices.balance == "time" else "parameter bytes (--balance memory)"
+    table = Table(title=f"Pipeline stages, partitioned by {how}; bottleneck = rank {p.bottleneck.rank}")
+    for name in ("rank", "layers", "busy s", "compute s", "exposed comm s", "GPU GB", ""):
+        table.add_column(name, justify="left" if name in ("layers", "") else "right")
+    for r in p.ranks:
+        marks = [m for m, on in (("bottleneck", r is p.bottleneck), ("most memory", r is p.worst)) if on]
+        row = [str(r.rank), _ranges(r.layers), f"{r.busy_s:.1f}", f"{r.compute_s:.1f}",
+               f"{r.busy_s - r.compute_s:.1f}", f"{r.total_memory / GB:.2f}", ", ".join(marks)]
+        table.add_row(*(f"[bold]{x}[/bold]" for x in row) if r is p.bottleneck else row)
+    console.print(table)
+    mean = sum(r.busy_s for r in p.ranks) / len(p.ranks)
+    console.print(f"stage balance: bottleneck {p.bottleneck.busy_s:.1f} s vs mean {mean:.1f} s "
+                  f"({p.bottleneck.busy_s / mean - 1:+.1%}); layers are numbered 0–{p.geo.num_layers - 1}, "
+                  f"the embedding on layer 0, the lm_head on the last"
+                  + (f", MTP module(s) from layer {p.geo.cfg.num_hidden_layers}"
+                     if p.geo.num_layers > p.geo.cfg.num_hidden_layers else ""))
 
 
 def render_activation_choices(p: Plan, console: Any) -> None:
@@ -1222,7 +1299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=16, help="expert-parallel size")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--virtual-stages", type=int, default=None,
-                   help="model chunks per pipeline rank (interleaved 1F1B); default 2 when possible, else 1")
+                   help="model chunks per pipeline rank (interleaved 1F1B); default: 1 or 2, the faster that fits")
+    p.add_argument("--balance", choices=("time", "memory"), default="time",
+                   help="pipeline partition: slowest stage's time subject to memory, or parameter bytes only")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--global-batch-tokens", type=int, default=DEFAULT_GLOBAL_BATCH_TOKENS)
@@ -1280,7 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
                           activation_offload=args.act_offload, optimizer_offload=args.opt_offload,
                           optimizer=args.optimizer, master_weights=args.master_weights, seq_len=args.seq_len,
                           global_batch_tokens=args.global_batch_tokens, extra_warmup=args.extra_warmup,
-                          ep_overlap=args.ep_overlap, reserve_gb=args.reserve_gb)
+                          ep_overlap=args.ep_overlap, reserve_gb=args.reserve_gb, balance=args.balance)
         geo = geometry(cfg)
         if args.fit:
             result = fit(geo, hw, args.gpus, choices, tp_options=(args.tp,))
@@ -1297,13 +1376,13 @@ def main(argv: list[str] | None = None) -> int:
         virtual = args.virtual_stages
         layout = Layout(pp=args.pp, ep=args.ep, tp=args.tp, dp=args.gpus // mp, micro_batch=args.micro_batch,
                         virtual_stages=virtual or 1)
+        result_plan = plan(geo, layout, choices, hw)
         if virtual is None and args.pp > 1:
-            try:  # interleave when the layer count and micro-batch count allow it
-                result_plan = plan(geo, dataclasses.replace(layout, virtual_stages=2), choices, hw)
+            try:  # interleave when the layer and micro-batch counts allow it and it is faster
+                interleaved = plan(geo, dataclasses.replace(layout, virtual_stages=2), choices, hw)
             except PlanError:
-                result_plan = plan(geo, layout, choices, hw)
-        else:
-            result_plan = plan(geo, layout, choices, hw)
+                interleaved = result_plan
+            result_plan = min(result_plan, interleaved, key=lambda p: (not p.fits, p.step_s))
         if args.json:
             print(json.dumps(result_plan.summary(), indent=1))
         else:
