@@ -5,9 +5,11 @@ The model of the cluster follows the K2 report (spec §3 "Infrastructure") and M
 here touches torch. The formulas are written out in docs/planner.md; the short version:
 
 Layout.  world = pp × ep × tp × dp.  A model-parallel group is pp × ep × tp GPUs.
-  * PP: the decoder layers are cut into pp × v contiguous chunks (v = virtual stages, interleaved 1F1B); chunk c
-    lives on pipeline rank c mod pp. The embedding rides with layer 0, the final norm and lm_head with the last
-    layer; chunks are balanced by per-GPU parameter bytes (min-max contiguous partition).
+  * PP: the decoder layers (+ MTP modules) are cut into pp × v contiguous chunks (v = virtual stages,
+    interleaved 1F1B); chunk c lives on pipeline rank c mod pp. The embedding rides with layer 0, the final norm
+    and lm_head with the last layer. The cut minimises the slowest rank's busy time subject to every rank
+    fitting in GPU memory, tie-break on memory (`balance_pipeline`); `--balance memory` balances parameter
+    bytes only.
   * EP: each MoE layer's routed experts are split over ep ranks; the rest of the layer (attention, shared
     expert, router, norms) is replicated over ep, so the ep ranks act as data parallel for it.
   * TP (optional, default 1 as in K2): splits every matrix tp ways (experts too) and, with sequence
@@ -331,17 +333,17 @@ def partition_min_max(n_layers: int, stages: int, stage_time: Callable[[int, int
     Objective: minimise the slowest stage's time, subject to every stage's memory ≤ `capacity`; among the
     partitions that reach that time, minimise the largest stage memory. Returns None when nothing fits.
     `stage_time(i, j)` is the time of a stage holding layers i..j−1 (the same at every position);
-    `stage_memory(i, j, s)` is its memory as stage s (early stages keep more micro-batches in flight). Neither may
-    decrease when a stage gains a layer (true of sums, maxima and the planner's exposed-communication terms
-    except when two of them are exposed at once).
+    `stage_memory(i, j, s)` is its memory as stage s. Neither may decrease when a stage gains a layer (true of
+    sums, maxima and the planner's exposed-communication terms except when two of them are exposed at once), and
+    memory must not increase with s (in 1F1B later stages keep fewer micro-batches in flight).
 
     Algorithm: the optimal bottleneck is the time of some contiguous run, so binary-search the sorted run times
-    for the smallest limit T at which the greedy check succeeds. The check fills stage 0, 1, … in turn with as
-    many layers as stay within the time and memory limits, leaving one layer for every later stage. Greedy is
-    exact for limits that hold for every sub-run of a run that meets them: by induction each greedy stage ends
-    no earlier than the same stage of any partition that meets the limits, so if one exists greedy's last stage
-    reaches layer n−1. With T fixed, the memory limit is then bisected (to 1e-6 relative) for the tie-break.
-    Cost: O(n²) time evaluations for the candidates, O(n · log) greedy passes.
+    for the smallest limit T at which the greedy check succeeds. The check fills the stages from the last one
+    backwards, each with as many layers as stay within the time and memory limits, leaving one layer for every
+    earlier stage. It is exact: by induction each greedy stage starts no later than the same stage of any
+    partition that meets the limits (a stage's layers also fit a later stage, which holds less), so if one
+    exists greedy's stage 0 reaches layer 0. With T fixed, the memory limit is then bisected (to 1e-6 relative)
+    for the tie-break. Cost: O(n²) time evaluations for the candidates, O(n · log) greedy passes.
     """
     if not 1 <= stages <= n_layers:
         raise PlanError(f"cannot cut {n_layers} layers into {stages} pipeline stages (--pp × --virtual-stages)")
@@ -350,18 +352,17 @@ def partition_min_max(n_layers: int, stages: int, stage_time: Callable[[int, int
 
     def greedy(time_limit: float, memory_limit: float) -> list[list[int]] | None:
         stages_out: list[list[int]] = []
-        start = 0
-        for s in range(stages):
-            last_end = n_layers - (stages - 1 - s)  # leave one layer for each later stage
-            end = start
-            while end < last_end and times[start, end + 1] <= time_limit * slack and (
-                    stage_memory is None or stage_memory(start, end + 1, s) <= memory_limit * slack):
-                end += 1
-            if end == start:
+        end = n_layers
+        for s in reversed(range(stages)):
+            start = end  # grow the stage leftwards, leaving one layer for each earlier stage
+            while start > s and times[start - 1, end] <= time_limit * slack and (
+                    stage_memory is None or stage_memory(start - 1, end, s) <= memory_limit * slack):
+                start -= 1
+            if start == end:
                 return None
             stages_out.append(list(range(start, end)))
-            start = end
-        return stages_out if start == n_layers else None
+            end = start
+        return stages_out[::-1] if end == 0 else None
 
     def peak_memory(runs: list[list[int]]) -> float:
         assert stage_memory is not None
@@ -627,6 +628,8 @@ def _layer_columns(geo: Geometry, ep: int, tp: int, recompute: bool, fp8: bool, 
 
 
 def _range_sum(prefix: list[float], ranges: Sequence[tuple[int, int]]) -> float:
+    if len(ranges) == 1:  # a plain pipeline stage (the common case, in the partition's inner loop)
+        return prefix[ranges[0][1]] - prefix[ranges[0][0]]
     return sum(prefix[j] - prefix[i] for i, j in ranges)
 
 
