@@ -495,6 +495,7 @@ class Plan:
     fits: bool
     reasons: list[str]
     notes: list[str]
+    partition_memory_bound: bool = False  # GPU memory kept the pipeline partition from a faster one
     geo: Geometry = field(repr=False, default=None)  # type: ignore[assignment]
 
     def summary(self) -> dict[str, Any]:
@@ -774,13 +775,21 @@ def stage_memory(model: StageModel, t: StageTotals, rank: int) -> dict[str, floa
 # The compute-aware partition
 
 
-def balance_pipeline(model: StageModel, capacity: float) -> tuple[list[list[int]], list[str]]:
-    """The pp × v chunks of layers `plan` uses (chunk c on pipeline rank c mod pp), and notes for the user.
+@dataclass
+class PipelinePartition:
+    runs: list[list[int]]  # pp × v chunks of layer indices; chunk c on pipeline rank c mod pp
+    notes: list[str]  # for the user: memory forcing imbalance, nothing fitting, interleaving limits
+    memory_bound: bool  # GPU memory kept it from a faster partition (or nothing fits)
+
+
+def balance_pipeline(model: StageModel, capacity: float) -> PipelinePartition:
+    """The pp × v chunks of layers `plan` uses, and notes for the user.
 
     Objective: minimise the slowest pipeline rank's busy time (compute + the communication it cannot hide: the
     pace of the pipeline), subject to every rank's GPU memory ≤ `capacity`; tie-break on the largest rank
     memory. The embedding, the lm_head and each MTP module (with its own lm_head pass) are costs of the first /
-    last layers, so the first and last stages get fewer decoder layers when those are heavy.
+    last layers, so the first and last stages get fewer decoder layers when those are heavy. The optimizer
+    phase after the pipeline drains (< 1 % of a K2 step) is not part of it (`plan` handles that tie).
 
     v = 1: exact, by `partition_min_max` (binary search on the bottleneck, greedy check).
     v > 1 (interleaved): rank r holds chunks r, r + pp, …, so a rank's time is a sum over non-adjacent chunks
@@ -788,18 +797,19 @@ def balance_pipeline(model: StageModel, capacity: float) -> tuple[list[list[int]
     while that lowers (memory overflow, rank times sorted slowest first, peak memory) lexicographically,
     starting from the parameter-balanced and the compute-balanced chunks; the better result is kept (so it is
     never slower than the parameter-balanced partition that `--balance memory` gives).
-    When no partition fits, the one with the smallest peak memory is returned and a note says so.
+    When no partition fits, the one with the smallest peak memory (v = 1) or overflow (v > 1) is returned.
     """
     n, pp, chunks = model.num_layers, model.layout.pp, model.layout.pp * model.layout.virtual_stages
-    notes: list[str] = []
     if model.layout.virtual_stages == 1:
         compute, a2a, offload = (model.prefix[k] for k in ("compute_s", "a2a_s", "offload_s"))
+        times: dict[tuple[int, int], float] = {}  # both searches below ask for every stage's time
+        peaks: dict[tuple[int, int, int], float] = {}  # the greedy passes ask for the same stages again
 
         def stage_time(i: int, j: int) -> float:
-            c = compute[j] - compute[i]
-            return c + sum(_exposed(model, c, a2a[j] - a2a[i], offload[j] - offload[i]))
-
-        peaks: dict[tuple[int, int, int], float] = {}  # the greedy passes ask for the same stages again
+            if (i, j) not in times:
+                c = compute[j] - compute[i]
+                times[i, j] = c + sum(_exposed(model, c, a2a[j] - a2a[i], offload[j] - offload[i]))
+            return times[i, j]
 
         def stage_peak(i: int, j: int, rank: int) -> float:
             if (i, j, rank) not in peaks:
@@ -808,39 +818,43 @@ def balance_pipeline(model: StageModel, capacity: float) -> tuple[list[list[int]
 
         runs = partition_min_max(n, pp, stage_time, stage_peak, capacity)
         if runs is None:
-            notes.append(f"no pipeline partition fits in {capacity / GB:g} GB per GPU; shown: the one with the "
-                         f"smallest peak memory")
-            return partition_min_max(n, pp, lambda i, j: 0.0, stage_peak) or [], notes  # type: ignore[return-value]
+            smallest = partition_min_max(n, pp, lambda i, j: 0.0, stage_peak)
+            assert smallest is not None
+            return PipelinePartition(smallest, [f"no pipeline partition fits in {capacity / GB:g} GB per GPU; "
+                                                f"shown: the one with the smallest peak memory"], True)
         unconstrained = partition_min_max(n, pp, stage_time)
         assert unconstrained is not None
         slowest = max(stage_time(r[0], r[-1] + 1) for r in runs)
         fastest = max(stage_time(r[0], r[-1] + 1) for r in unconstrained)
-        if slowest > fastest * (1 + 1e-9):
-            notes.append(f"GPU memory forces pipeline imbalance: the slowest stage is busy {slowest:.1f} s per step, "
-                         f"{fastest:.1f} s with unlimited memory ({_layer_counts(unconstrained)} layers per stage)")
-        return runs, notes
+        if slowest <= fastest * (1 + 1e-9):
+            return PipelinePartition(runs, [], False)
+        return PipelinePartition(runs, [
+            f"GPU memory forces pipeline imbalance: the slowest stage is busy {slowest:.1f} s per step, "
+            f"{fastest:.1f} s with unlimited memory ({_layer_counts(unconstrained)} layers per stage)"], True)
 
     compute_costs = [c + (1 - model.choices.ep_overlap) * a for c, a in zip(model.compute_s, model.a2a_s)]
-    best_key, best_runs, blocked = None, None, False
-    for seed in (memory_balanced_runs(model.geo, model.layout), partition_layers(compute_costs, chunks)):
-        key, runs, memory_blocked = _refine_interleaved(model, seed, capacity)
-        if best_key is None or key < best_key:
-            best_key, best_runs, blocked = key, runs, memory_blocked
-    assert best_key is not None and best_runs is not None
-    if best_key[0] > 0:
+    results = [_refine_interleaved(model, seed, capacity)
+               for seed in (memory_balanced_runs(model.geo, model.layout), partition_layers(compute_costs, chunks))]
+    key, runs, blocked = min(results, key=lambda result: result[0])
+    notes = []
+    if key[0] > 0:
         notes.append(f"no pipeline partition found that fits in {capacity / GB:g} GB per GPU")
     elif blocked:
         notes.append("GPU memory forces pipeline imbalance: moving a layer off the slowest rank would overflow "
                      "a neighbour's memory")
-    times = [best_key[1][0]]  # the slowest rank's time (rounded), to find which rank it is
     for rank in range(pp):
-        own = best_runs[rank::pp]
-        t = stage_times(model, stage_totals(model, [(c[0], c[-1] + 1) for c in own]))["busy"]
-        if float(f"{t:.12g}") == times[0] and all(len(c) == 1 for c in own):
+        own = runs[rank::pp]
+        busy = stage_times(model, stage_totals(model, [(c[0], c[-1] + 1) for c in own]))["busy"]
+        if _rounded(busy) == key[1][0] and all(len(c) == 1 for c in own):
             notes.append(f"pipeline rank {rank} is the slowest with one layer per chunk (interleaving gives every "
                          f"rank at least one layer per chunk): --virtual-stages 1 can give it fewer layers")
             break
-    return best_runs, notes
+    return PipelinePartition(runs, notes, key[0] > 0 or blocked)
+
+
+def _rounded(seconds: float) -> float:
+    """Times compared to 12 significant digits: sums of the same layers in another order are equal."""
+    return float(f"{seconds:.12g}")
 
 
 def _layer_counts(runs: list[list[int]]) -> str:
@@ -859,7 +873,7 @@ def _refine_interleaved(model: StageModel, runs: list[list[int]], capacity: floa
 
     def key(ranks: list[tuple[float, float]]) -> tuple[float, list[float], float]:
         peak = max(m for _, m in ranks)
-        return max(0.0, peak - capacity), sorted((float(f"{t:.12g}") for t, _ in ranks), reverse=True), peak
+        return max(0.0, peak - capacity), sorted((_rounded(t) for t, _ in ranks), reverse=True), peak
 
     ranks = [evaluate(r) for r in range(pp)]
     best = key(ranks)
@@ -896,10 +910,11 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
     tokens_rank = micro_batches * layout.micro_batch * choices.seq_len  # per data replica per step
     model = stage_model(geo, layout, choices, hw, micro_batches)
     if choices.balance == "memory":
-        ranks, partition_notes = _rank_plans(model, memory_balanced_runs(geo, layout), hw), []
+        partition = PipelinePartition(memory_balanced_runs(geo, layout), [], False)
+        ranks = _rank_plans(model, partition.runs, hw)
     else:
-        runs, partition_notes = balance_pipeline(model, hw.gpu_mem_gb * GB)
-        ranks = _rank_plans(model, runs, hw)
+        partition = balance_pipeline(model, hw.gpu_mem_gb * GB)
+        ranks = _rank_plans(model, partition.runs, hw)
         # The partition's objective leaves out the optimizer phase after the pipeline drains (< 1 % of a K2 step):
         # where the parameter-balanced partition fits with the same slowest stage and a shorter step, keep it.
         other = _rank_plans(model, memory_balanced_runs(geo, layout), hw)
@@ -926,7 +941,7 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
     dp_adamw = sum(r.times["DP bytes AdamW"] for r in ranks)
     dp_ratio = sum(r.times["DP bytes"] for r in ranks) / dp_adamw if dp_adamw else 1.0
 
-    reasons, notes = [], list(partition_notes)
+    reasons, notes = [], list(partition.notes)
     if worst.total_memory > hw.gpu_mem_gb * GB:
         reasons.append(f"GPU memory {worst.total_memory / GB:.1f} GB on pipeline rank {worst.rank} > "
                        f"{hw.gpu_mem_gb:g} GB")
@@ -943,7 +958,8 @@ def plan(cfg_or_geo: Any, layout: Layout, choices: Choices = Choices(), hw: Hard
         step_s=step, time_breakdown=time_breakdown, model_flops_per_step=model_flops, mfu=mfu,
         tokens_per_s=tokens / step, unique_params_grads_bytes=6.0 * geo.counts["total"],
         mean_params_grads_bytes=sum(params_grads) / len(params_grads), host_bytes_per_node=host_per_node,
-        dp_comm_ratio_vs_adamw=dp_ratio, fits=not reasons, reasons=reasons, notes=notes, geo=geo)
+        dp_comm_ratio_vs_adamw=dp_ratio, fits=not reasons, reasons=reasons, notes=notes,
+        partition_memory_bound=partition.memory_bound, geo=geo)
 
 
 _OPTIMIZER_PARTS = ("DP reduce-scatter + gathers", "Newton–Schulz", "optimizer update", "optimizer offload PCIe")
@@ -1043,10 +1059,11 @@ def fit(cfg_or_geo: Any, hw: Hardware, max_gpus: int, base: Choices = Choices(),
     """Search PP/EP/TP/DP/virtual-stages/micro-batch and recompute/FP8/offload choices for ≤ max_gpus GPUs.
 
     GPU counts are whole nodes (or a part of one node). For each layout and on/off choice of recompute, FP8
-    storage and activation offload, the smallest optimizer-offload fraction on the grid that fits is taken (more
-    offload only costs time); it is solved for directly from the plan without offload. Candidates are screened
-    with the parameter-balanced pipeline partition (cheap, cached); those that fit are planned again with
-    `base.balance` (a layout that fits only with a memory-aware uneven partition can be missed).
+    storage and activation offload, the smallest optimizer-offload fraction on the grid that fits is solved for
+    directly from the plan without offload. Candidates are screened with the parameter-balanced pipeline
+    partition (cheap, cached; a layout that fits only with an uneven partition can be missed); those that fit
+    are planned again with `base.balance` at that fraction and every larger one on the grid (more offload costs
+    PCIe time but can free the memory a faster, uneven partition needs), and the fastest is kept.
     """
     geo = cfg_or_geo if isinstance(cfg_or_geo, Geometry) else geometry(cfg_or_geo)
     if pp_options is None:
@@ -1100,10 +1117,19 @@ def fit(cfg_or_geo: Any, hw: Hardware, max_gpus: int, base: Choices = Choices(),
                                              hw)
                             evaluated += 1
                         if candidate.fits:
-                            if base.balance != "memory":  # fits too: the memory-balanced chunks are a candidate
-                                candidate = plan(geo, layout, dataclasses.replace(candidate.choices,
-                                                                                  balance=base.balance), hw)
-                                evaluated += 1
+                            if base.balance != "memory":
+                                timed = plan(geo, layout, dataclasses.replace(candidate.choices,
+                                                                              balance=base.balance), hw)
+                                options = [timed]
+                                if timed.partition_memory_bound:
+                                    # More optimizer offload can free the memory a faster, uneven partition
+                                    # needs: try the larger fractions on the grid too.
+                                    options += [plan(geo, layout, dataclasses.replace(timed.choices,
+                                                                                      optimizer_offload=f), hw)
+                                                for f in offload_grid if f > timed.choices.optimizer_offload + 1e-12]
+                                evaluated += len(options)
+                                candidate = min([p for p in options if p.fits] or [candidate],
+                                                key=lambda p: p.step_s)
                             fitting.append(candidate)
                         else:
                             reject("host memory per node" if candidate.host_bytes_per_node > hw.host_mem_gb * GB

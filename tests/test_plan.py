@@ -222,6 +222,10 @@ def test_k2_fit_on_256_gpus(k2):
     assert 64 in result.closest_misses and "GPU memory" in result.closest_misses[64].reasons[0]
     k2_layout = [p for p in result.fitting if (p.layout.pp, p.layout.ep, p.layout.gpus) == (16, 16, 256)]
     assert k2_layout, "the report's PP16 × EP16 on 32 nodes must be among the layouts that fit"
+    # it fits without optimizer offload, but 25 % offload frees the memory for the balanced partition (MTP on the
+    # last stage alone, test_k2_with_mtp_balances_the_last_stage): --fit finds that faster plan
+    fastest = max(k2_layout, key=lambda p: p.mfu)
+    assert fastest.choices.optimizer_offload == 0.25 and fastest.mfu == pytest.approx(0.381, abs=0.002)
 
 
 # ---- compute-aware pipeline partition
