@@ -606,24 +606,29 @@ def _layer_columns(geo: Geometry, ep: int, tp: int, recompute: bool, fp8: bool, 
     full = {kind: sum(activation_bytes_per_token(geo, kind, False, False).values()) for kind in (False, True)}
     extra = {kind: recompute_costs_per_token(geo, kind, recompute, fp8) for kind in (False, True)}
     attention_flops = geo.attention_flops_per_token(seq_len)
-    columns = _LayerColumns(*([] for _ in range(10)))
+    names = [f.name for f in dataclasses.fields(_LayerColumns) if f.name != "prefix"]
+    column: dict[str, list[Any]] = {name: [] for name in names}
     for layer in geo.layers:
         first, last = layer.index == 0, layer.index == geo.num_layers - 1
         extra_params = (geo.embed_params if first else 0.0) + (geo.head_params if last else 0.0)
         ns_flops = sum(_ns_flops(r, c) for r, c in layer.muon_shapes)
         ns_flops += sum(_ns_flops(r, c) for r, c in layer.expert_shapes) * geo.n_experts / (ep * tp)
-        columns.replicated.append((layer.replicated_params + extra_params) / tp)
-        columns.adamw.append((layer.adamw_params + extra_params) / tp)
-        columns.experts.append(layer.expert_params / (ep * tp))
-        columns.act_per_token.append(act[layer.is_moe] / tp)
-        columns.full_act_per_token.append(full[layer.is_moe] / tp)
-        columns.flops_per_token.append((layer.flops_per_token + attention_flops + extra[layer.is_moe][0]
-                                        + (geo.head_flops_per_token() if last else 0.0)) / tp)
-        columns.extra_hbm_per_token.append(extra[layer.is_moe][1] / tp)
-        columns.ns_flops.append(ns_flops)
-        columns.ns_workspace.append(max(_ns_workspace(r, c) for r, c in layer.muon_shapes + layer.expert_shapes))
-        columns.is_moe.append(layer.is_moe)
-    columns.__post_init__()
+        values = {
+            "replicated": (layer.replicated_params + extra_params) / tp,
+            "adamw": (layer.adamw_params + extra_params) / tp,
+            "experts": layer.expert_params / (ep * tp),
+            "act_per_token": act[layer.is_moe] / tp,
+            "full_act_per_token": full[layer.is_moe] / tp,
+            "flops_per_token": (layer.flops_per_token + attention_flops + extra[layer.is_moe][0]
+                                + (geo.head_flops_per_token() if last else 0.0)) / tp,
+            "extra_hbm_per_token": extra[layer.is_moe][1] / tp,
+            "ns_flops": ns_flops,
+            "ns_workspace": max(_ns_workspace(r, c) for r, c in layer.muon_shapes + layer.expert_shapes),
+            "is_moe": layer.is_moe,
+        }
+        for name in names:
+            column[name].append(values[name])
+    columns = _LayerColumns(**column)
     geo._cache[key] = columns
     return columns
 
@@ -708,7 +713,8 @@ def stage_model(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware, m
         optimizer_bytes = [((r - a) * muon_state + a * adam_state) / (dp * ep) + e * muon_state / dp
                            for r, a, e in zip(col.replicated, col.adamw, col.experts)]
     else:
-        optimizer_bytes = [r * adam_state / (dp * ep) + e * adam_state / dp for r, e in zip(col.replicated, col.experts)]
+        optimizer_bytes = [r * adam_state / (dp * ep) + e * adam_state / dp
+                           for r, e in zip(col.replicated, col.experts)]
     act_bytes = [a * tokens_mb for a in col.act_per_token]
     offload_rate = 2 * micro_batches / hw.pcie_bytes_s if choices.activation_offload else 0.0
     return StageModel(
@@ -724,7 +730,7 @@ def stage_model(geo: Geometry, layout: Layout, choices: Choices, hw: Hardware, m
 
 
 def stage_totals(model: StageModel, ranges: Sequence[tuple[int, int]]) -> StageTotals:
-    """Sums and maxima over the layers i..j−1 of each (i, j) in `ranges` (a stage, or an interleaved rank's chunks)."""
+    """Sums and maxima over the layers i..j−1 of each (i, j) in `ranges` (a stage, or an interleaved rank)."""
     col, prefix = model.columns, model.prefix
     tokens_mb = model.layout.micro_batch * model.choices.seq_len
     return StageTotals(
@@ -766,9 +772,9 @@ def stage_memory(model: StageModel, t: StageTotals, rank: int) -> dict[str, floa
     transient = t.largest_full_act_bytes + (model.a2a_buffer_bytes if t.has_moe else 0.0) \
         + (model.logits_bytes if t.has_last else 0.0)
     return {"bf16 weights": 2.0 * t.params, "fp32 grad buffer": 4.0 * t.params,
-            "optimizer states (GPU part)": t.optimizer_bytes * (1 - choices.optimizer_offload), "activations (GPU-resident)": gpu_acts,
-            "Newton–Schulz workspace": t.ns_workspace, "transient working set": transient,
-            "reserve": choices.reserve_gb * GB}
+            "optimizer states (GPU part)": t.optimizer_bytes * (1 - choices.optimizer_offload),
+            "activations (GPU-resident)": gpu_acts, "Newton–Schulz workspace": t.ns_workspace,
+            "transient working set": transient, "reserve": choices.reserve_gb * GB}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -800,6 +806,8 @@ def balance_pipeline(model: StageModel, capacity: float) -> PipelinePartition:
     When no partition fits, the one with the smallest peak memory (v = 1) or overflow (v > 1) is returned.
     """
     n, pp, chunks = model.num_layers, model.layout.pp, model.layout.pp * model.layout.virtual_stages
+    if chunks == 1:
+        return PipelinePartition([list(range(n))], [], False)
     if model.layout.virtual_stages == 1:
         compute, a2a, offload = (model.prefix[k] for k in ("compute_s", "a2a_s", "offload_s"))
         times: dict[tuple[int, int], float] = {}  # both searches below ask for every stage's time
@@ -987,11 +995,11 @@ def _rank_plans(model: StageModel, runs: list[list[int]], hw: Hardware) -> list[
     for rank in range(pp):
         chunks = runs[rank::pp]
         ids = [i for chunk in chunks for i in chunk]
-        totals = stage_totals(model, [(chunk[0], chunk[-1] + 1) for chunk in chunks])
+        ranges = [(chunk[0], chunk[-1] + 1) for chunk in chunks]
+        totals = stage_totals(model, ranges)
         memory = stage_memory(model, totals, rank)
         times = stage_times(model, totals)
         busy = times.pop("busy")
-        ranges = [(chunk[0], chunk[-1] + 1) for chunk in chunks]
         col = model.columns
         replicated, experts = _range_sum(col.prefix["replicated"], ranges), _range_sum(col.prefix["experts"], ranges)
         replicated_muon = replicated - _range_sum(col.prefix["adamw"], ranges) if muon else 0.0
