@@ -401,3 +401,15 @@ def test_no_partition_fits_note_and_stage_output(tiny, capsys):
     stages = summary["stages"]
     assert [s["rank"] for s in stages] == [0, 1] and summary["bottleneck_pp_rank"] in (0, 1)
     assert max(s["busy_s"] for s in stages) == stages[summary["bottleneck_pp_rank"]]["busy_s"]
+
+
+def test_cli_default_virtual_stages_is_the_faster(capsys):
+    """Without --virtual-stages the CLI plans v = 1 and v = 2 and shows the faster (K2 + MTP, 80 GB)."""
+    args = ["--preset", "k2", "--gpus", "256", "--pp", "16", "--ep", "16", "--json"]
+    assert main(args) == 0
+    interleaved = json.loads(capsys.readouterr().out)
+    assert interleaved["layout"]["virtual_stages"] == 2 and interleaved["mfu"] == pytest.approx(0.342, abs=0.002)
+    assert main([*args, "--opt-offload", "0.25"]) == 0  # room for rank 0 to take a fifth layer: v = 1 wins
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["layout"]["virtual_stages"] == 1 and plain["mfu"] == pytest.approx(0.381, abs=0.002)
+    assert plain["stages"][-1]["layers"] == [61] and plain["bottleneck_pp_rank"] == 0
