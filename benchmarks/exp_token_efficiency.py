@@ -411,6 +411,56 @@ def fmt(x: float | None, spec: str = ",.0f", none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
+def batch_scan(dirs: list[Path], out: Path) -> int:
+    """Summarize finished experiments that differ in tokens per step (same model, corpus and token budget): one
+    table row and one point per directory's results.json, ratio against tokens per step."""
+    rows = []
+    for d in dirs:
+        path = d / "results.json"
+        if not path.exists():
+            raise SystemExit(f"{path}: missing (run the experiment with --out {d} first)")
+        r = json.loads(path.read_text())
+        st = r["settings"]
+        muon = r["runs"][r["best"]["muonclip"]]
+        rows.append({"dir": str(d), "tokens_per_step": st["batch_size"] * st["seq_len"], "steps": st["steps"],
+                     "tokens": r["adamw_tokens"], "adamw_lr": r["runs"][r["best"]["adamw"]]["lr"],
+                     "adamw_final": r["adamw_final_val_loss"], "muonclip_lr": muon["lr"],
+                     "muonclip_final": muon["final_val_loss"], "ratio": r["ratio"],
+                     "ratio_other_seed": r.get("ratio_with_other_seed_target"),
+                     "ratio_best_lr": (r.get("lr_check") or {}).get("ratio_with_best_lr"), "phase": r["phase"]})
+    rows.sort(key=lambda x: x["tokens_per_step"])
+    print_table("token efficiency against tokens per step (same model, corpus and token budget; lr tuned for each)",
+                ["tokens/step", "steps", "AdamW lr", "AdamW final", "MuonClip lr", "MuonClip final", "ratio",
+                 "ratio (seed-1 target)", "ratio (best lr at budget)", "phase"],
+                [[f"{x['tokens_per_step']:,}", x["steps"], f"{x['adamw_lr']:g}", f"{x['adamw_final']:.3f}",
+                  f"{x['muonclip_lr']:g}", f"{x['muonclip_final']:.3f}", fmt(x["ratio"], ".3f"),
+                  fmt(x["ratio_other_seed"], ".3f"), fmt(x["ratio_best_lr"], ".3f"), x["phase"]] for x in rows])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    pts = [(x["tokens_per_step"], x["ratio"]) for x in rows if x["ratio"] is not None]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color="tab:blue", label="budget sweep (seed 0)")
+    alt = [(x["tokens_per_step"], x["ratio_other_seed"]) for x in rows if x["ratio_other_seed"] is not None]
+    if alt:
+        ax.plot([p[0] for p in alt], [p[1] for p in alt], "x", color="tab:gray", label="seed-1 AdamW target")
+    ax.axhline(0.6, color="tab:red", ls=":", lw=1, label="goal 0.6x")
+    ax.axhline(1.0, color="gray", ls="-", lw=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="tokens per step (same total tokens)", ylabel="MuonClip tokens / AdamW tokens", ylim=(0, 1.05),
+           title="Token efficiency vs batch size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "token_efficiency_batch_scan.png", dpi=90)
+    plt.close(fig)
+    (out / "batch_scan.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out / 'token_efficiency_batch_scan.png'} and {out / 'batch_scan.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="toy-size smoke run (seconds)")
@@ -441,7 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                    "seed repeats while the first works through the budgets, and the first then reuses them")
     p.add_argument("--extra-seeds", type=int, nargs="*", default=None, help="seeds repeated for the best run of "
                    "each optimizer (default: 1; none: no repeats)")
+    p.add_argument("--scan", type=Path, nargs="+", default=None, metavar="DIR", help="no training: summarize finished "
+                   "experiments (their results.json) that differ in tokens per step, into --out")
     args = p.parse_args(argv)
+    if args.scan:
+        return batch_scan(args.scan, Path(args.out))
     if args.budget_worker:
         args.sweep_only = "muonclip"
     torch.set_num_threads(args.threads)

@@ -107,6 +107,13 @@ def test_token_efficiency_quick(experiments, tmp_path, capsys):
     assert len(res["figures"]) == 3
     out = capsys.readouterr().out
     assert "ratio vs AdamW" in out and "budget sweep" in out
+    # --scan summarizes finished experiments (here the one just run) without training
+    assert te.main(["--scan", str(tmp_path), "--out", str(tmp_path / "scan")]) == 0
+    (row,) = json.loads((tmp_path / "scan" / "batch_scan.json").read_text())
+    assert (row["tokens_per_step"], row["steps"], row["ratio"]) == (4 * 32, 10, res["ratio"])
+    _assert_pngs([tmp_path / "scan" / "token_efficiency_batch_scan.png"])
+    with pytest.raises(SystemExit, match="results.json"):
+        te.main(["--scan", str(tmp_path / "missing"), "--out", str(tmp_path / "scan")])
 
 
 def test_qk_clip_stability_quick(experiments, tmp_path, capsys):
