@@ -53,6 +53,7 @@ TOKEN_DTYPE = np.dtype("<u4")
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
+IGNORE_LABEL = -100  # = openk2.model.IGNORE_INDEX: the loss skips it (the validation pass pads with it)
 DEFAULT_SHARD_SIZE_TOKENS = 1 << 26  # 64M tokens = 256 MiB per shard
 TEXT_CHUNK_BYTES = 1 << 20  # documents are sent to workers in ~1 MB chunks
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -960,7 +961,8 @@ class TokenLoader:
     Global batch g of an epoch is windows perm[g*B*W : (g+1)*B*W] of the epoch's permutation
     (np.random.default_rng([seed, epoch])); rank r takes the r-th block of B of them. Infinite: after the last
     full global batch the next epoch starts (`.epoch`). `next_batch()` -> (input_ids, labels), both int64
-    [B, T] and equal (the model shifts labels inside). `iter_epoch()` is the fixed-order pass for validation."""
+    [B, T] and equal (the model shifts labels inside). `iter_epoch()` is the fixed-order pass for validation:
+    the same windows at any world size with the same global batch."""
 
     def __init__(self, data_dir: str | os.PathLike, *, split: str = "train", batch_size: int, seq_len: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0):
@@ -1048,20 +1050,33 @@ class TokenLoader:
 
     # -- validation ---------------------------------------------------------------------------------------
     def iter_epoch(self, max_batches: int | None = None) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-        """The whole split once, in fixed order (no shuffle; does not move the training position). Rank r
-        takes a contiguous block of num_windows // world_size windows, in batches of batch_size (the last
-        may be smaller); every rank yields the same number and shapes of batches, so collectives stay in
-        step. Dropped: the < world_size windows left over, and the tail shorter than seq_len."""
-        per_rank = self.num_windows // self.world_size
-        if per_rank == 0:
+        """The validation pass: the split in fixed order (no shuffle; the training position does not move), dealt
+        like training batches. The pass is the first `max_batches` global batches of B x W windows (all windows
+        when None or when the split is shorter), so the same windows are scored at any world size with the same
+        global batch; global batch g is windows [g*B*W, (g+1)*B*W) and rank r takes its r-th block of B.
+
+        Every rank yields the same number of [B, T] batches, so collectives stay in step: rows past the end of the
+        pass (in the last global batch only) repeat the pass's first window with all labels IGNORE_LABEL, so they
+        score nothing; sum losses by scored tokens (as `Trainer.validate` does) and the result is independent of
+        B and W. Dropped: only the tail shorter than seq_len."""
+        if self.num_windows == 0:
             raise DataError(f"{self.data_dir} split {self.split!r} has {self.num_tokens:,} tokens, fewer than "
-                            f"world_size x seq_len = {self.world_size * self.seq_len:,}; nothing to evaluate")
-        first = self.rank * per_rank
-        for n, start in enumerate(range(0, per_rank, self.batch_size)):
-            if max_batches is not None and n >= max_batches:
-                return
-            stop = min(start + self.batch_size, per_rank)
-            yield self._batch(np.arange(first + start, first + stop))
+                            f"seq_len = {self.seq_len:,}; nothing to evaluate")
+        per_global = self.batch_size * self.world_size
+        total = self.num_windows if max_batches is None else min(self.num_windows, max_batches * per_global)
+        import torch
+
+        for first in range(0, total, per_global):
+            start = min(first + self.rank * self.batch_size, total)
+            stop = min(start + self.batch_size, total)
+            ids, labels = self._batch(np.arange(start, stop)) if stop > start else (None, None)
+            padding = self.batch_size - (stop - start)
+            if padding:
+                pad_ids, _ = self._batch(np.zeros(padding, dtype=np.int64))
+                pad_labels = torch.full_like(pad_ids, IGNORE_LABEL)
+                ids = pad_ids if ids is None else torch.cat([ids, pad_ids])
+                labels = pad_labels if labels is None else torch.cat([labels, pad_labels])
+            yield ids, labels
 
     # -- resume ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

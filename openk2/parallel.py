@@ -14,8 +14,10 @@ The mesh is 2-D `(dp, ep)` with world = dp × ep; ranks of one EP group are adja
 GPUs the all-to-all stays inside a node when ep ≤ GPUs per node.
 
 Also here: `init_distributed` (process group with a collective timeout, the mesh, an exception hook that ends the
-whole job), `sync_router_load` (global expert load for the aux-loss-free bias update), DCP checkpoints that
-resume at another world size (`save_distributed` / `load_distributed`) and `consolidate` into one HF checkpoint.
+whole job), `set_gradient_sync` (gradient accumulation with one reduce-scatter per optimizer step),
+`sync_router_load` (global expert load for the aux-loss-free bias update), `CollectiveCounter` (counts the c10d
+collectives a piece of code issues), DCP checkpoints that resume at another world size (`save_distributed` /
+`load_distributed`) and `consolidate` into one HF checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ __all__ = [
     "all_to_all_autograd",
     "sync_router_load",
     "clip_grad_norm_",
+    "set_gradient_sync",
+    "CollectiveCounter",
     "save_distributed",
     "load_distributed",
     "is_distributed_checkpoint",
@@ -103,9 +107,10 @@ class DistContext:
         if self.is_distributed:
             original_device = t.device
             t = t.to(self.device)
-            if op == "mean":
+            if op in ("mean", "sum"):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                t = t / self.world_size
+                if op == "mean":
+                    t = t / self.world_size
             else:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
             t = t.to(original_device)
@@ -114,6 +119,10 @@ class DistContext:
     def all_reduce_mean(self, value):
         """Mean over all ranks; returns a new tensor (or a float for a float), input untouched."""
         return self._reduce(value, "mean")
+
+    def all_reduce_sum(self, value):
+        """Sum over all ranks; returns a new tensor (or a float for a float), input untouched."""
+        return self._reduce(value, "sum")
 
     def all_reduce_max(self, value):
         """Max over all ranks; returns a new tensor (or a float for a float), input untouched."""
@@ -443,6 +452,93 @@ def parallelize(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
             for expert_module in expert_modules:
                 expert_module.set_force_sum_reduction_for_comms(False)
     return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> bool:
+    """Turn FSDP2's gradient reduction on or off for every FSDP unit of `model`; True if `model` is FSDP-sharded.
+
+    Gradient accumulation without communication: with sync off, a backward leaves each unit's *unsharded*
+    gradient in place (the next backward adds to it) instead of reduce-scattering it; the first backward with sync
+    on reduce-scatters the accumulated sum once. Cost: every rank holds full-size gradients of all sharded
+    parameters until then. A model that is not FSDP-sharded (one process) is left alone: its gradients accumulate
+    locally anyway."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return False
+    model.set_requires_gradient_sync(enabled, recurse=True)
+    return True
+
+
+_COLLECTIVE_KINDS = {  # c10d op -> (kind, index of the argument holding the full-size tensor(s))
+    "_reduce_scatter_base_": ("reduce_scatter", 1), "reduce_scatter_": ("reduce_scatter", 1),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
+    "_allgather_base_": ("all_gather", 0), "allgather_": ("all_gather", 0),
+    "allgather_into_tensor_coalesced_": ("all_gather", 0),
+    "allreduce_": ("all_reduce", 0), "allreduce_coalesced_": ("all_reduce", 0),
+    "alltoall_base_": ("all_to_all", 1), "alltoall_": ("all_to_all", 1),
+    "broadcast_": ("broadcast", 0), "reduce_": ("reduce", 0), "gather_": ("gather", 1), "scatter_": ("scatter", 0),
+    "barrier": ("barrier", None), "monitored_barrier": ("barrier", None),
+}
+
+
+def _numel(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    if isinstance(x, (list, tuple)):
+        return sum(_numel(item) for item in x)
+    return 0
+
+
+class CollectiveCounter:
+    """Counts the c10d collectives this process issues while active, by kind: `calls` and `elements` (of the
+    full-size tensor: a reduce-scatter's input, an all-gather's output, an all-reduce's buffer, an all-to-all's
+    input). Every collective enters the dispatcher as a `c10d::` op, so FSDP2's reduce-scatters and all-gathers,
+    expert parallelism's all-to-alls and the optimizer's exchanges are all seen, also those issued from backward
+    hooks; nothing is patched. A TorchDispatchMode sees every op, so it costs Python time per op: for
+    measurements and tests (`TrainConfig.count_collectives`), not for production runs.
+
+        counter = CollectiveCounter()
+        with counter:
+            train_step()
+        counter.calls["reduce_scatter"], counter.elements["reduce_scatter"]
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.calls: dict[str, int] = {}
+        self.elements: dict[str, int] = {}
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "c10d":
+                    counter._count(func.__name__.split(".")[0], args)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def _count(self, op_name: str, args) -> None:
+        kind, tensor_arg = _COLLECTIVE_KINDS.get(op_name, (f"other:{op_name}", None))
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        n = _numel(args[tensor_arg]) if tensor_arg is not None and tensor_arg < len(args) else 0
+        self.elements[kind] = self.elements.get(kind, 0) + n
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.elements.clear()
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """{kind: {"calls": n, "elements": m}}, kinds sorted (JSON-friendly)."""
+        return {kind: {"calls": self.calls[kind], "elements": self.elements[kind]} for kind in sorted(self.calls)}
+
+    def __enter__(self) -> "CollectiveCounter":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
 
 
 @torch.no_grad()

@@ -98,6 +98,11 @@ class TrainConfig:
     resume: bool = False
     # distributed
     ep: int = 1
+    # With grad_accum > 1 on an FSDP-sharded model: reduce-scatter the gradients once per step, after the last
+    # micro-batch (every rank keeps full-size gradients across micro-batches: see docs/distributed.md). False:
+    # after every micro-batch (only sharded gradients are kept; grad_accum times the gradient traffic).
+    accumulate_without_sync: bool = True
+    count_collectives: bool = False  # add per-step collective counts to metrics.jsonl (costs Python time per op)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
@@ -281,6 +286,16 @@ class Trainer:
         return torch.autocast(self.device.type, enabled=False)
 
     def train_step(self) -> dict[str, Any]:
+        if not self.cfg.count_collectives:
+            return self._train_step()
+        from openk2.parallel import CollectiveCounter
+
+        with CollectiveCounter() as counter:
+            record = self._train_step()
+        record["collectives"] = counter.summary()  # {kind: {"calls", "elements"}} over the whole step
+        return record
+
+    def _train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         model.train()
         mult = self._lr_multiplier(self.step)
@@ -288,16 +303,26 @@ class Trainer:
             group["lr"] = group["initial_lr"] * mult
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, mtp_loss_sum, n_tokens = 0.0, None, 0
-        for _ in range(cfg.grad_accum):
-            input_ids, labels = self.batches.next_batch()
-            input_ids, labels = input_ids.to(self.device), labels.to(self.device)
-            with self._autocast():
-                out = self.forward(input_ids, labels=labels)
-            (out.loss / cfg.grad_accum).backward()
-            loss_sum += float(out.loss.detach())
-            if out.mtp_loss is not None:
-                mtp_loss_sum = (mtp_loss_sum or 0.0) + float(out.mtp_loss.detach())
-            n_tokens += input_ids.numel()
+        # Under FSDP, micro-batches before the last only accumulate (no reduce-scatter); the last one reduces the sum.
+        defer_sync = self.distributed and cfg.grad_accum > 1 and cfg.accumulate_without_sync
+        from openk2.parallel import set_gradient_sync
+
+        try:
+            for micro in range(cfg.grad_accum):
+                if defer_sync:
+                    set_gradient_sync(model, micro == cfg.grad_accum - 1)
+                input_ids, labels = self.batches.next_batch()
+                input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+                with self._autocast():
+                    out = self.forward(input_ids, labels=labels)
+                (out.loss / cfg.grad_accum).backward()
+                loss_sum += float(out.loss.detach())
+                if out.mtp_loss is not None:
+                    mtp_loss_sum = (mtp_loss_sum or 0.0) + float(out.mtp_loss.detach())
+                n_tokens += input_ids.numel()
+        finally:
+            if defer_sync:
+                set_gradient_sync(model, True)  # whatever runs next (e.g. another caller's backward) syncs again
         loss = loss_sum / cfg.grad_accum
         mtp_loss = None if mtp_loss_sum is None else mtp_loss_sum / cfg.grad_accum
         if self.distributed:
@@ -354,7 +379,10 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean loss over the validation batches; None (and a one-time note) when there is no validation data."""
+        """Mean next-token loss per scored token over the validation batches (summed by tokens over all batches and
+        ranks, so the result does not depend on how the windows are split into batches or ranks); None (and a
+        one-time note) when there is no validation data. Rows whose labels are all ignored (padding, see
+        `TokenLoader.iter_epoch`) count nothing."""
         if self.no_val_reason is not None:
             return None
         try:
@@ -368,17 +396,28 @@ class Trainer:
             if self.is_main:
                 _log(f"validation disabled: {reason}")
             return None
-        self.model.eval()
-        total = 0.0
+        from openk2.model import IGNORE_INDEX
+
+        self.model.eval()  # eval: no MTP / balance terms, so out.loss is the plain mean next-token cross-entropy
+        loss_sum, scored = 0.0, 0
         for input_ids, labels in batches:
             with self._autocast():
                 out = self.forward(input_ids.to(self.device), labels=labels.to(self.device))
-            total += float(out.loss)
+            tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the targets causal_lm_loss averaged over
+            if tokens:
+                loss_sum += float(out.loss) * tokens
+                scored += tokens
         self.model.train()
-        val = total / len(batches)
+        totals = torch.tensor([loss_sum, float(scored)], dtype=torch.float64)
         if self.distributed:
-            val = float(self.ctx.all_reduce_mean(torch.tensor(val, device=self.device)))
-        return val
+            totals = self.ctx.all_reduce_sum(totals)
+        loss_sum, scored = totals.tolist()
+        if scored == 0:
+            self.no_val_reason = "the validation batches hold no scored token"
+            if self.is_main:
+                _log(f"validation disabled: {self.no_val_reason}")
+            return None
+        return loss_sum / scored
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict:

@@ -323,20 +323,38 @@ def test_loader_resume_across_world_sizes_with_the_same_global_batch(counting_di
 
 
 def test_validation_pass_is_fixed_and_covers_the_split(counting_dir):
-    for world_size in (1, 2):
-        per_rank = []
+    """The same windows, each scored once, at world size 1 and 2 with the same global batch (4 = 4 x 1 = 2 x 2),
+    uncapped and capped; ranks yield equally many [B, T] batches, the short last global batch padded with rows
+    whose labels are all ignored."""
+    n_windows = 1_000 // 30  # 33: the last global batch of 4 holds 1 window
+
+    def scored_windows(world_size: int, max_batches: int | None) -> list[int]:
+        starts, counts = [], set()
         for rank in range(world_size):
-            loader = TokenLoader(counting_dir, split="val", batch_size=4, seq_len=30, rank=rank,
+            loader = TokenLoader(counting_dir, split="val", batch_size=4 // world_size, seq_len=30, rank=rank,
                                  world_size=world_size)
-            batches = [ids for ids, _ in loader.iter_epoch()]
-            assert all(b.shape == (4, 30) for b in batches[:-1]) and 1 <= batches[-1].shape[0] <= 4
-            assert torch.equal(torch.cat(batches), torch.cat([ids for ids, _ in loader.iter_epoch()]))
-            per_rank.append(torch.cat(batches).flatten())
+            batches = list(loader.iter_epoch(max_batches))
+            again = list(loader.iter_epoch(max_batches))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
             assert loader.batch_index == 0  # the training position is untouched
-        seen = torch.cat(per_rank)
-        assert seen.unique().numel() == seen.numel() == (1_000 // 30 // world_size) * world_size * 30
-        assert len({p.numel() for p in per_rank}) == 1  # ranks stay in step
+            counts.add(len(batches))
+            for ids, labels in batches:
+                assert ids.shape == labels.shape == (4 // world_size, 30)
+                for row_ids, row_labels in zip(ids, labels):
+                    if (row_labels == data.IGNORE_LABEL).all():  # padding: a valid window scoring nothing
+                        assert torch.equal(row_ids, torch.arange(30))
+                    else:
+                        assert torch.equal(row_labels, row_ids) and int(row_ids[0]) % 30 == 0
+                        starts.append(int(row_ids[0]) // 30)
+        assert len(counts) == 1  # ranks stay in step
+        return sorted(starts)
+
+    for max_batches, expected in ((None, list(range(n_windows))), (2, list(range(8))), (100, list(range(n_windows)))):
+        assert scored_windows(1, max_batches) == scored_windows(2, max_batches) == expected
     assert len(list(data.val_batches(counting_dir, batch_size=4, seq_len=30, max_batches=2))) == 2
+    from openk2.model import IGNORE_INDEX
+
+    assert data.IGNORE_LABEL == IGNORE_INDEX
 
 
 def test_loader_too_little_data_is_a_clear_error(counting_dir):
