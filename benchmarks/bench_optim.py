@@ -37,7 +37,7 @@ from torch import nn
 from openk2.config import K2Config
 from openk2.model import K2ForCausalLM
 from openk2.optim import MuonClip, zeropower_via_newtonschulz
-from openk2.optim.muon import NS_COEFFICIENTS, NSWorkspace, gram_pays, orthogonalize_many
+from openk2.optim.muon import NS_COEFFICIENTS, gram_pays, orthogonalize_many
 
 NS_STEPS = 5
 
@@ -207,11 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     naive_name, standard_name, gram_name = ("naive batched bf16 NS per stack",
                                             "ours, standard NS (fused, batched by shape)",
                                             "ours (Gram NS where it pays)")
-    workspace = NSWorkspace()  # as MuonClip holds one across steps
     ns3 = race({naive_name: lambda: [naive_batched_ns(s) for s in stacks],
                 "torch NS looped over experts": lambda: [torch_ns(e) for s in stacks for e in s],
                 standard_name: lambda: orthogonalize_many(stacks, stack_method="standard"),
-                gram_name: lambda: orthogonalize_many(stacks, workspace=workspace)}, max(rounds, 7))
+                gram_name: lambda: orthogonalize_many(stacks)}, max(rounds, 7))
     shapes = sorted({tuple(s.shape) for s in stacks})
     table(f"2b. Newton-Schulz on {len(stacks)} expert stacks of `small` ({n_experts} matrices, {shapes}), "
           f"median of {max(rounds, 7)} rounds", list(ns3.items()), naive_name)

@@ -55,52 +55,23 @@ def gram_pays(shape: torch.Size | tuple[int, ...], steps: int = 5) -> bool:
     return steps > GRAM_RESTART_AFTER and m >= GRAM_MIN_SIDE and n >= GRAM_MIN_ASPECT * m
 
 
-class NSWorkspace:
-    """Reusable bf16 buffers for the Gram Newton-Schulz of expert stacks, one set per shape, kept by the optimizer.
-    On CPU every fresh multi-MB tensor is new memory the kernel must fault in and zero: reusing the ~20 m x m and
-    3 m x n intermediates of each call saves a few % of the stack NS (docs/muonclip.md). Elsewhere (CUDA's caching
-    allocator already reuses memory) it hands out fresh tensors. Results are never workspace buffers."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, Tensor] = {}
-
-    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        if like.device.type != "cpu":
-            return torch.empty(shape, dtype=torch.bfloat16, device=like.device)
-        key = (name, tuple(shape))
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty(shape, dtype=torch.bfloat16)
-        return buf
-
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values())
-
-
-def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, method: str = "standard",
-                               workspace: NSWorkspace | None = None) -> Tensor:
+def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, method: str = "standard") -> Tensor:
     """Approximately orthogonalize G (U S V^T -> U S' V^T, S' in ~[0.5, 1.5]) with a quintic Newton-Schulz
     iteration in bf16. G is [..., A, B]; leading dims are a batch (a 3-D expert stack [E, A, B] is E independent
     orthogonalizations done in one batched call). Returns bf16 of G's shape.
 
     method: "standard" iterates on X (torch.optim.Muon's algorithm; its results to the bit on 2-D weights);
     "gram" iterates on the small Gram matrix X X^T (same polynomial, fewer FLOPs for wide matrices, equal to
-    the standard iteration within bf16 rounding; see `_gram_newton_schulz`); "auto" picks by `gram_pays`.
-    workspace: reusable buffers for the Gram path (an optimizer passes its own); None allocates fresh ones."""
+    the standard iteration within bf16 rounding; see `_gram_newton_schulz`); "auto" picks by `gram_pays`."""
     if G.ndim < 2:
         raise ValueError(f"zeropower_via_newtonschulz: need a [..., A, B] tensor, got shape {tuple(G.shape)}")
     if method not in NS_METHODS:
         raise ValueError(f"zeropower_via_newtonschulz: method must be one of {NS_METHODS}, got {method!r}")
     use_gram = method == "gram" or (method == "auto" and gram_pays(G.shape, steps))
     tall = G.size(-2) > G.size(-1)
-    if use_gram:  # one pass: cast + transpose to a contiguous wide bf16 batch; normalization happens on X X^T
-        wide = G.mT if tall else G
-        if wide.dtype == torch.bfloat16 and wide.is_contiguous():  # already a wide bf16 batch (only read)
-            X0 = wide.reshape(-1, *wide.shape[-2:])
-        else:
-            X0 = (workspace or NSWorkspace()).buffer("x0", (wide[..., 0, 0].numel(), *wide.shape[-2:]), G)
-            X0.view(wide.shape).copy_(wide)
-        X = _gram_newton_schulz(X0, steps, eps, workspace).view(wide.shape)
+    if use_gram:  # the Frobenius normalization happens on X X^T (no pass over X)
+        wide = G.bfloat16().mT if tall else G.bfloat16()  # a transposed view: bmm reads either layout
+        X = _gram_newton_schulz(wide.reshape(-1, *wide.shape[-2:]), steps, eps).view(wide.shape)
         return X.mT if tall else X
     a, b, c = NS_COEFFICIENTS
     X = G.bfloat16()
@@ -119,7 +90,7 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, m
     return X.mT if tall else X
 
 
-def _gram_newton_schulz(X0: Tensor, steps: int, eps: float = NS_EPS, workspace: NSWorkspace | None = None) -> Tensor:
+def _gram_newton_schulz(X0: Tensor, steps: int, eps: float = NS_EPS) -> Tensor:
     """The NS iteration X <- P(S) X, P(S) = aI + bS + cS^2, S = X X^T, run on m x m matrices (X0 is [N, m, n],
     wide, bf16, *not* normalized). Every iterate is X_k = Q_k X_0 with Q_k a polynomial in R = X_0 X_0^T, so we
     keep S_k = X_k X_k^T and Q_k (m x m) instead of X_k (m x n): S_{k+1} = P S P (P and S commute),
@@ -135,13 +106,7 @@ def _gram_newton_schulz(X0: Tensor, steps: int, eps: float = NS_EPS, workspace: 
     FLOPs (m short, n long, L steps in a phase): X X^T and Q X cost 2 m^2 n each; the steps cost (4L - 3)
     m x m products of 2 m^3 (S^2 inside P every step; P Q from step 2; S P P except on the last step)."""
     a, b, c = NS_COEFFICIENTS
-    ws = workspace or NSWorkspace()
-    N, m, n = X0.shape
-
-    def square(name: str) -> Tensor:  # m x m buffers, used in ping-pong pairs so no product overwrites its input
-        return ws.buffer(name, (N, m, m), X0)
-
-    S = torch.bmm(X0, X0.mT, out=square("s0"))
+    S = torch.bmm(X0, X0.mT)
     inv_norm = S.diagonal(dim1=-2, dim2=-1).float().sum(-1).clamp(min=eps * eps).rsqrt()  # 1 / ||X_0||_F
     S.mul_(inv_norm.square().to(S.dtype)[:, None, None])
     X = X0
@@ -150,19 +115,17 @@ def _gram_newton_schulz(X0: Tensor, steps: int, eps: float = NS_EPS, workspace: 
         if phase_steps == 0:
             continue
         if phase > 0:
-            S = torch.bmm(X, X.mT, out=square("s0"))
+            S = torch.bmm(X, X.mT)
         Q = None
         for k in range(phase_steps):
-            P = torch.baddbmm(S, S, S, beta=b, alpha=c, out=square(f"p{k % 2}"))  # b*S + c*S@S ...
+            P = torch.baddbmm(S, S, S, beta=b, alpha=c)  # b*S + c*S@S ...
             P.diagonal(dim1=-2, dim2=-1).add_(a)  # ... + a*I
-            Q = P if Q is None else torch.bmm(P, Q, out=square(f"q{k % 2}"))
+            Q = P if Q is None else torch.bmm(P, Q)
             if k < phase_steps - 1:
-                SP = torch.bmm(S, P, out=square("sp"))
-                S = torch.bmm(SP, P, out=square(f"s{(k + 1) % 2}"))  # = X_{k+1} X_{k+1}^T
+                S = torch.bmm(torch.bmm(S, P), P)  # = X_{k+1} X_{k+1}^T
         if phase == 0:
-            Q.mul_(inv_norm.to(Q.dtype)[:, None, None])  # X_0 enters unnormalized
-        last = phase == 1 or steps == first
-        X = torch.bmm(Q, X) if last else torch.bmm(Q, X, out=ws.buffer("x_restart", (N, m, n), X0))
+            Q = Q * inv_norm.to(Q.dtype)[:, None, None]  # X_0 enters unnormalized
+        X = torch.bmm(Q, X)
     return X
 
 
@@ -180,8 +143,7 @@ def _from_wide_batch(o: Tensor, like: Tensor) -> Tensor:
     return o.mT if tall else o
 
 
-def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str = "auto",
-                       workspace: NSWorkspace | None = None) -> list[Tensor]:
+def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str = "auto") -> list[Tensor]:
     """NS of many matrices / stacks, batched by shape: tensors whose matrices have the same shape (tall ones
     transposed to wide) are concatenated into calls of at most MAX_NS_BATCH matrices (a tensor larger than that
     goes alone), and the results are split back (bf16, each input's shape). Same values as calling
@@ -206,8 +168,7 @@ def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str 
     for batch in batches:
         method = methods[batch[0]]
         if len(batch) == 1:  # nothing to concatenate
-            results[batch[0]] = zeropower_via_newtonschulz(updates[batch[0]], steps, method=method,
-                                                           workspace=workspace)
+            results[batch[0]] = zeropower_via_newtonschulz(updates[batch[0]], steps, method=method)
             continue
         counts = [updates[j][..., 0, 0].numel() for j in batch]
         wide = torch.empty(sum(counts), *_matrix_shape(updates[batch[0]]), dtype=torch.bfloat16,
@@ -215,7 +176,7 @@ def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str 
         for j, w in zip(batch, wide.split(counts)):  # cast + transpose + concatenate in one pass
             u = updates[j].reshape(-1, *updates[j].shape[-2:])
             w.copy_(u.mT if u.size(-2) > u.size(-1) else u)
-        ortho = zeropower_via_newtonschulz(wide, steps, method=method, workspace=workspace)
+        ortho = zeropower_via_newtonschulz(wide, steps, method=method)
         for j, o in zip(batch, ortho.split(counts)):
             results[j] = _from_wide_batch(o, updates[j])
     return results
@@ -382,8 +343,7 @@ def _orthogonalize_sharded(jobs: list[_ShardedMatrix], ns_steps: int) -> tuple[f
 
 
 def _muon_step_group(
-    group: dict, params: list[Tensor], grads: list[Tensor], state: dict, stats: "_StepTally",
-    workspace: NSWorkspace | None = None,
+    group: dict, params: list[Tensor], grads: list[Tensor], state: dict, stats: "_StepTally"
 ) -> None:
     """Muon for one param group's (already finite-checked) params. Plain tensors and DTensors whose shards hold
     whole matrices (3-D expert stacks sharded on the expert dim) are orthogonalized locally; 2-D Shard(0) DTensors
@@ -413,7 +373,7 @@ def _muon_step_group(
             stats.add_update(ortho, scale, counted=dist.get_rank() == 0)
             ortho_local = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()
             apply_muon_update_(p.to_local(), ortho_local, lr, wd, scale)
-    orthos = orthogonalize_many([u for _, u, _ in local_jobs], ns_steps, workspace=workspace) if local_jobs else []
+    orthos = orthogonalize_many([u for _, u, _ in local_jobs], ns_steps) if local_jobs else []
     for (p_local, _, scale), ortho in zip(local_jobs, orthos):
         stats.add_update(ortho, scale)
         apply_muon_update_(p_local, ortho, lr, wd, scale)
@@ -516,7 +476,6 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon: parameter of shape {tuple(p.shape)} is not a non-empty 2-D or 3-D "
                                      "matrix; give it to AdamW (MuonClip does this automatically)")
         self.last_stats: dict[str, Any] = {}
-        self.ns_workspace = NSWorkspace()  # Newton-Schulz buffers reused across steps (not part of the state)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -524,7 +483,7 @@ class Muon(torch.optim.Optimizer):
         tally = _StepTally()
         for group in self.param_groups:
             params, grads = _collect_grads(group, None, tally)
-            _muon_step_group(group, params, grads, self.state, tally, self.ns_workspace)
+            _muon_step_group(group, params, grads, self.state, tally)
         _warn_skipped(tally, "Muon.step")
         self.last_stats = {"nonfinite_skipped": tally.nonfinite_skipped, "update_rms": tally.update_rms()}
         return loss
@@ -686,7 +645,6 @@ class MuonClip(torch.optim.Optimizer):
                 target.module.record_max_logits = True
             self._hooks = track_max_logits(self.attention_targets)
         self.last_stats: dict[str, Any] = {}
-        self.ns_workspace = NSWorkspace()  # Newton-Schulz buffers reused across steps (not part of the state)
 
     def muon_param_names(self) -> list[str]:
         return [self.param_names[p] for g in self.param_groups if g["use_muon"] for p in g["params"]]
@@ -701,7 +659,7 @@ class MuonClip(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads = _collect_grads(group, self.param_names, tally)
             if group["use_muon"]:
-                _muon_step_group(group, params, grads, self.state, tally, self.ns_workspace)
+                _muon_step_group(group, params, grads, self.state, tally)
             else:
                 adamw_step_([_local(p) for p in params], [_local(g) for g in grads], [self.state[p] for p in params],
                             group["lr"], group["weight_decay"], group["betas"], group["eps"])
