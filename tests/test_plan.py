@@ -186,13 +186,14 @@ def test_cli_errors_name_the_flag(argv, flag, capsys):
     assert "openk2 plan: error:" in err and flag in err
 
 
+TINY_PLAN_ARGS = ["--preset", "tiny", "--gpus", "4", "--pp", "2", "--ep", "2", "--seq-len", "64",
+                  "--global-batch-tokens", "512"]
+
 def test_cli_plan_fit_and_json(capsys):
-    assert main(["--preset", "tiny", "--gpus", "4", "--pp", "2", "--ep", "2", "--seq-len", "64",
-                 "--global-batch-tokens", "512", "--reserve-gb", "0"]) == 0
+    assert main([*TINY_PLAN_ARGS, "--reserve-gb", "0"]) == 0
     out = capsys.readouterr().out
     assert "Per-GPU memory" in out and "MFU" in out and "verdict: fits" in out
-    assert main(["--preset", "tiny", "--gpus", "4", "--pp", "2", "--ep", "2", "--seq-len", "64",
-                 "--global-batch-tokens", "512", "--reserve-gb", "0", "--json"]) == 0
+    assert main([*TINY_PLAN_ARGS, "--reserve-gb", "0", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["gpus"] == 4 and summary["fits"] and summary["layout"]["virtual_stages"] == 1  # 3 layers < 4
     assert main(["--preset", "tiny", "--gpus", "4", "--gpu-mem-gb", "0.0015", "--seq-len", "64",
@@ -390,12 +391,10 @@ def test_no_partition_fits_note_and_stage_output(tiny, capsys):
     hw = Hardware(gpu_mem_gb=0.0005)
     p = plan(tiny, Layout(pp=2, ep=2), TINY_4GPU, hw)
     assert not p.fits and any("no pipeline partition fits" in n for n in p.notes)
-    assert main(["--preset", "tiny", "--gpus", "4", "--pp", "2", "--ep", "2", "--seq-len", "64",
-                 "--global-batch-tokens", "512", "--reserve-gb", "0"]) == 0
+    assert main([*TINY_PLAN_ARGS, "--reserve-gb", "0"]) == 0
     out = capsys.readouterr().out
     assert "Pipeline stages" in out and "bottleneck" in out and "busy s" in out
-    assert main(["--preset", "tiny", "--gpus", "4", "--pp", "2", "--ep", "2", "--seq-len", "64",
-                 "--global-batch-tokens", "512", "--balance", "memory", "--json"]) == 0
+    assert main([*TINY_PLAN_ARGS, "--balance", "memory", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["choices"]["balance"] == "memory"
     stages = summary["stages"]
