@@ -97,6 +97,13 @@ def _gram_newton_schulz(X0: Tensor, steps: int, eps: float = NS_EPS) -> Tensor:
     Q_{k+1} = P Q_k, and apply Q to X once at the end. The Frobenius normalization is done on the Gram matrix,
     ||X_0||_F^2 = trace(R), and folded into Q, so no pass over the large X is spent on it.
 
+    **Not safe as a default (measured in training):** on low-rank expert momentum (one dominant direction, a
+    condition number ~1e3 — common for rarely routed experts) the bf16 noise below still reaches a negative
+    eigenvalue of ~-0.3 within the first 3 steps, Q amplifies that direction ~60x, X_3 gets a singular value
+    above the NS convergence range and the second phase explodes it (sigma_max 159 measured on one matrix;
+    `openk2 pretrain` with Gram for the expert stacks spiked 22 times). Optimizers therefore use the standard
+    iteration for stacks; this path stays available for experiments (`method="gram"`).
+
     Stability: in bf16, S's small eigenvalues carry absolute rounding noise of ~1e-3 of the largest; the
     iteration multiplies eigenvalues near 0 by ~a^2 = 12 per step, and a noise eigenvalue below 0 (impossible
     for a true Gram matrix) grows without bound. So after GRAM_RESTART_AFTER steps we form X = Q X_0 explicitly
@@ -143,14 +150,15 @@ def _from_wide_batch(o: Tensor, like: Tensor) -> Tensor:
     return o.mT if tall else o
 
 
-def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str = "auto") -> list[Tensor]:
+def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str = "standard") -> list[Tensor]:
     """NS of many matrices / stacks, batched by shape: tensors whose matrices have the same shape (tall ones
     transposed to wide) are concatenated into calls of at most MAX_NS_BATCH matrices (a tensor larger than that
     goes alone), and the results are split back (bf16, each input's shape). Same values as calling
     zeropower_via_newtonschulz on each; on CPU it saves per-call overhead and elementwise passes.
 
     2-D matrices always take the standard iteration (torch.optim.Muon's results); 3-D+ stacks (expert weights,
-    which torch.optim.Muon rejects) take `stack_method` ("auto": Gram NS where `gram_pays`)."""
+    which torch.optim.Muon rejects) take `stack_method`: "standard" by default, because Gram NS ("gram", or
+    "auto" = Gram where `gram_pays`) is not safe on real momentum (see `_gram_newton_schulz`)."""
     if stack_method not in NS_METHODS:
         raise ValueError(f"orthogonalize_many: stack_method must be one of {NS_METHODS}, got {stack_method!r}")
     methods = [stack_method if u.ndim >= 3 else "standard" for u in updates]
