@@ -3,8 +3,8 @@ and per-head QK-Clip after every step (Kimi K2 report §2.1, Moonlight §2; fact
 
 Reading order:
   zeropower_via_newtonschulz   the orthogonalization (quintic Newton-Schulz, bf16, batched over leading dims)
-  _gram_newton_schulz          the same iteration run on X X^T (fewer FLOPs for wide expert stacks)
-  orthogonalize_many           many updates batched by shape (2-D: standard NS; 3-D stacks: Gram where it pays)
+  _gram_newton_schulz          the same iteration run on X X^T (fewer FLOPs; opt-in: unsafe on low-rank input)
+  orthogonalize_many           many updates batched by shape (standard NS; Gram for stacks only on request)
   muon_update / adamw_update   one parameter's update, written as formulas
   Muon                         a torch.optim.Optimizer over 2-D / 3-D parameters
   MuonClip                     one optimizer object: grouping rule + Muon groups + AdamW groups + QK-Clip
