@@ -296,6 +296,16 @@ def loglinear_crossing(points: list[tuple[float, float]], target: float) -> floa
     return None if b >= 0 else float(math.exp((target - a) / b))
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (90 dpi) and close one matplotlib figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot(out: Path, runs: dict[str, dict], best: dict[str, str], target: float, budget: dict) -> list[Path]:
     import matplotlib
 
@@ -320,10 +330,7 @@ def plot(out: Path, runs: dict[str, dict], best: dict[str, str], target: float, 
     ax.set_ylim(lo - 0.1, lo + 2.0)
     ax.set(xlabel="training tokens (M)", ylabel="validation loss", title="MuonClip vs AdamW: validation loss")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "token_efficiency_val_loss.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "token_efficiency_val_loss.png"))
 
     # 2. the lr sweep
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -337,10 +344,7 @@ def plot(out: Path, runs: dict[str, dict], best: dict[str, str], target: float, 
     ax.tick_params(axis="x", labelsize=7)
     ax.set(xlabel="learning rate", ylabel="final validation loss", title="learning-rate sweep (full budget)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "token_efficiency_lr_sweep.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "token_efficiency_lr_sweep.png"))
 
     # 3. the budget sweep: MuonClip's final loss per budget vs AdamW's final loss at the full budget
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -374,10 +378,7 @@ def plot(out: Path, runs: dict[str, dict], best: dict[str, str], target: float, 
     ax2.set_ylim(lo - 0.1, lo + 1.5)
     ax2.set(xlabel="training tokens (M)", ylabel="validation loss", title="validation curves of the budget runs")
     ax2.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "token_efficiency_budget_sweep.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "token_efficiency_budget_sweep.png"))
     return paths
 
 
@@ -452,10 +453,8 @@ def batch_scan(dirs: list[Path], out: Path) -> int:
     ax.set(xlabel="tokens per step (same total tokens)", ylabel="MuonClip tokens / AdamW tokens", ylim=(0, 1.05),
            title="Token efficiency vs batch size")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "token_efficiency_batch_scan.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "token_efficiency_batch_scan.png")
     (out / "batch_scan.json").write_text(json.dumps(rows, indent=1))
     print(f"wrote {out / 'token_efficiency_batch_scan.png'} and {out / 'batch_scan.json'}")
     return 0
