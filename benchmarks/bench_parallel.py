@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from openk2.parallel import CollectiveCounter
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,24 +45,14 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-class CollectiveBytes:
-    """A TorchDispatchMode counting bytes sent by this rank per c10d collective kind."""
+class CollectiveBytes(CollectiveCounter):
+    """openk2's collective counter, accounting the bytes this rank *sends* per c10d collective kind (by_kind)."""
 
     def __init__(self, world: int) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
+        super().__init__()
         self.world = world
         self.by_kind: dict[str, float] = {}
         self.enabled = True
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if counter.enabled and func.namespace == "c10d":
-                    counter._count(func.__name__.split(".")[0], args)
-                return func(*args, **(kwargs or {}))
-
-        self.mode = _Mode()
 
     def _group(self, pg) -> tuple[int, int]:
         try:
@@ -72,6 +64,8 @@ class CollectiveBytes:
         self.by_kind[kind] = self.by_kind.get(kind, 0.0) + value
 
     def _count(self, name: str, args) -> None:
+        if not self.enabled:
+            return
         if name == "_allgather_base_":
             w, _ = self._group(args[2])
             self._add("all_gather", _nbytes(args[0]) * (w - 1) / w)
@@ -137,7 +131,7 @@ def worker(args: argparse.Namespace) -> None:
         ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
         counter.by_kind = {}
         t0 = time.perf_counter()
-        with counter.mode:
+        with counter:
             loss = model(ids, labels=ids).loss
             loss.backward()
             after_backward = dict(counter.by_kind)
