@@ -75,15 +75,17 @@ def prepare_shared_corpus(out: Path, *, vocab_size: int, quick: bool, val_fracti
     if quick:
         sources = sources[:3]
     tok_dir, data_dir = out / "corpus" / "tokenizer", out / "corpus" / "data"
-    if not (tok_dir / "tokenizer_config.json").exists():
-        tokenizer = train_tokenizer(data_mod.iter_texts(sources), vocab_size)
-        tokenizer.save(tok_dir)
-    tokenizer = K2Tokenizer.load(tok_dir)
-    if tokenizer.vocab_size != vocab_size:
-        raise SystemExit(f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens, expected {vocab_size}; "
-                         f"delete {out / 'corpus'} or pick another --out")
-    info = data_mod.prepare_corpus(sources, tokenizer, data_dir, val_fraction=val_fraction, progress=False,
-                                   num_workers=0 if quick else 1)
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    with _run_lock(out / "corpus", poll_seconds=1.0):  # helper processes started together prepare it once
+        if not (tok_dir / "tokenizer_config.json").exists():
+            tokenizer = train_tokenizer(data_mod.iter_texts(sources), vocab_size)
+            tokenizer.save(tok_dir)
+        tokenizer = K2Tokenizer.load(tok_dir)
+        if tokenizer.vocab_size != vocab_size:
+            raise SystemExit(f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens, expected {vocab_size}; "
+                             f"delete {out / 'corpus'} or pick another --out")
+        info = data_mod.prepare_corpus(sources, tokenizer, data_dir, val_fraction=val_fraction, progress=False,
+                                       num_workers=0 if quick else 1)
     if info.val_tokens == 0:
         raise SystemExit(f"{data_dir}: the validation split is empty; raise val_fraction")
     return SharedCorpus(tok_dir, data_dir, vocab_size, info.train_tokens, info.val_tokens)
@@ -143,7 +145,7 @@ def _run_lock(run_dir: Path, poll_seconds: float = 10.0):
                 lock.unlink(missing_ok=True)  # stale
                 continue
             if not announced:
-                print(f"  {run_dir.name}: being trained by process {holder}; waiting for it", flush=True)
+                print(f"  {run_dir.name}: held by process {holder} (training or preparing it); waiting", flush=True)
                 announced = True
             time.sleep(poll_seconds)
             continue
@@ -474,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 32768; rounded down to whole batches)")
     p.add_argument("--muonclip-lrs", type=float, nargs="+", default=None, help="override MuonClip's lr grid")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=None, help="override AdamW's lr grid")
+    p.add_argument("--muonclip-adamw-lr", type=float, default=None, help="MuonClip runs give their AdamW group "
+                   "(embeddings, head, norms) this lr instead of sharing lr (an ablation; K2 shares; run names "
+                   "gain _alrX)")
     p.add_argument("--max-extensions", type=int, default=None, help="lr values (and budgets) added while the best "
                    "sits at the edge of the grid (default 2; 0 = the grid only)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="MuonClip's shorter budgets as "
@@ -535,15 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
 
     def run(opt: str, lr: float, *, steps: int, role: str, seed: int = 0) -> dict:
-        name = f"{opt}_lr{lr:g}" + (f"_steps{steps}" if steps != s.steps else "") + (f"_seed{seed}" if seed else "")
+        adamw_lr = args.muonclip_adamw_lr if opt == "muonclip" else None
+        name = (f"{opt}_lr{lr:g}" + (f"_alr{adamw_lr:g}" if adamw_lr else "")
+                + (f"_steps{steps}" if steps != s.steps else "") + (f"_seed{seed}" if seed else ""))
         rows = train_run(out / name, mcfg, corpus, optimizer=opt, lr=lr, steps=steps, batch_size=s.batch_size,
                          seq_len=s.seq_len, val_every=s.val_every if steps == s.steps else s.budget_val_every,
                          val_batches=s.val_batches, warmup_steps=s.warmup_steps, ckpt_every=steps,
-                         qk_clip_tau=100.0, seed=seed)
+                         qk_clip_tau=100.0, seed=seed, adamw_lr=adamw_lr)
         vals = series(rows, "val_loss")[1]
         final_val = float(vals[-1]) if len(vals) else float("nan")
-        runs[name] = {"optimizer": opt, "lr": lr, "steps": steps, "seed": seed, "role": role, "rows": rows,
-                      "final_val_loss": final_val, "final_train_loss": float(rows[-1]["loss"]),
+        runs[name] = {"optimizer": opt, "lr": lr, "adamw_lr": adamw_lr, "steps": steps, "seed": seed, "role": role,
+                      "rows": rows, "final_val_loss": final_val, "final_train_loss": float(rows[-1]["loss"]),
                       "tokens": int(rows[-1]["tokens"]), "seconds": run_seconds(rows)}
         print(f"  {name}: final val {final_val:.4f} ({runs[name]['seconds']:.0f} s)", flush=True)
         return runs[name]
@@ -670,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             "experiment": "token_efficiency", "method": "budget_sweep", "phase": phase, "quick": args.quick,
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)), "machine": note,
             "wall_seconds": round(time.time() - started, 1), "settings": asdict(s),
+            "muonclip_adamw_lr": args.muonclip_adamw_lr,
             "model_config": {k: v for k, v in mcfg.to_dict().items() if not isinstance(v, dict)},
             "parameters": counts, "corpus": {"train_tokens": corpus.train_tokens, "val_tokens": corpus.val_tokens},
             "runs": {n: {k: v for k, v in r.items() if k != "rows"} | {

@@ -77,6 +77,7 @@ class TrainConfig:
     momentum: float = 0.95
     qk_clip_tau: float | None = 100.0
     adamw_betas: tuple[float, float] = (0.9, 0.95)
+    adamw_lr: float | None = None  # muonclip only: lr of its AdamW group (embeddings, head, norms); None = lr (K2)
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # WSD: last 20% of steps decay
     lr_floor: float = 0.1  # decay to lr * lr_floor
@@ -125,6 +126,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "ckpt_every", "keep_last", "log_every"):
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.lr > 0, "lr", "must be > 0")
+        need(self.adamw_lr is None or self.adamw_lr > 0, "adamw_lr", "must be > 0 or None (share lr)")
+        need(self.adamw_lr is None or self.optimizer == "muonclip", "adamw_lr",
+             "only for optimizer='muonclip' (its AdamW group); with optimizer='adamw' use lr")
         need(0 <= self.decay_fraction <= 1, "decay_fraction", "must be in [0, 1]")
         need(self.qk_clip_tau is None or self.qk_clip_tau > 0, "qk_clip_tau", "must be > 0 or None")
         need(self.mtp_layers is None or (isinstance(self.mtp_layers, int) and self.mtp_layers >= 0), "mtp_layers",
@@ -234,7 +238,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         from openk2.optim import MuonClip
 
         return MuonClip(model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                        qk_clip_tau=cfg.qk_clip_tau, adamw_betas=cfg.adamw_betas)
+                        qk_clip_tau=cfg.qk_clip_tau, adamw_betas=cfg.adamw_betas, adamw_lr=cfg.adamw_lr)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -621,7 +625,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"(default {default})")
 
 
-_NONE_DEFAULT_TYPES = {"mtp_layers": int, "mtp_loss_weight": float}  # fields whose default None hides the type
+# fields whose default None hides the type
+_NONE_DEFAULT_TYPES = {"mtp_layers": int, "mtp_loss_weight": float, "adamw_lr": float}
 
 
 def _tau(text: str) -> float | None:

@@ -116,6 +116,32 @@ def test_token_efficiency_quick(experiments, tmp_path, capsys):
         te.main(["--scan", str(tmp_path / "missing"), "--out", str(tmp_path / "scan")])
 
 
+def test_token_efficiency_adamw_group_lr_ablation(experiments, tmp_path):
+    """--muonclip-adamw-lr: MuonClip runs train their AdamW group at that lr (the config says so, the run name too)."""
+    te, _ = experiments
+    assert te.main(["--quick", "--out", str(tmp_path), "--sweep-only", "muonclip", "--muonclip-adamw-lr", "1e-3"]) == 0
+    (run_dir,) = [d for d in tmp_path.iterdir() if d.name.startswith("muonclip")]
+    assert run_dir.name == "muonclip_lr0.01_alr0.001"
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    assert (cfg["lr"], cfg["adamw_lr"]) == (0.01, 0.001)
+
+
+def test_two_processes_share_one_corpus(tmp_path):
+    """Helper processes started together on one --out prepare the shared corpus once (a lock), not racing on its
+    shards (which crashed one of them before)."""
+    import subprocess
+
+    code = (f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import exp_token_efficiency as te; "
+            f"c = te.prepare_shared_corpus(te.Path({str(tmp_path)!r}), vocab_size=512, quick=True, val_fraction=0.34); "
+            "print(c.train_tokens, c.val_tokens)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert outputs[0][0].split()[-2:] == outputs[1][0].split()[-2:]
+    assert not (tmp_path / "corpus" / "running.pid").exists()
+
+
 def test_qk_clip_stability_quick(experiments, tmp_path, capsys):
     _, qs = experiments
     assert qs.main(["--quick", "--out", str(tmp_path)]) == 0

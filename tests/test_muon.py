@@ -275,6 +275,29 @@ def test_adamw_groups_match_torch_adamw():
             torch.testing.assert_close(p, named2[n], rtol=1e-6, atol=1e-7)
 
 
+def test_adamw_lr_sets_only_the_adamw_group():
+    """adamw_lr: MuonClip equals Muon at lr on its matrices plus torch.optim.AdamW at adamw_lr on the rest."""
+    torch.manual_seed(0)
+    m1 = _Tiny()
+    m2 = copy.deepcopy(m1)
+    opt = MuonClip(m1, lr=1e-2, weight_decay=0.1, qk_clip_tau=None, adamw_lr=1e-3)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-3, 1e-2]
+    named2 = dict(m2.named_parameters())
+    muon_ref = Muon([named2[n] for n in opt.muon_param_names()], lr=1e-2, weight_decay=0.1)
+    adamw_ref = torch.optim.AdamW([named2[n] for n in opt.adamw_param_names()], lr=1e-3, weight_decay=0.1,
+                                  betas=(0.9, 0.95), eps=1e-8, fused=True)
+    ids = torch.randint(0, 50, (2, 12))
+    for _ in range(3):
+        for m in (m1, m2):
+            m.zero_grad()
+            _loss(m, ids).backward()
+        opt.step(), muon_ref.step(), adamw_ref.step()
+    for n, p in m1.named_parameters():
+        torch.testing.assert_close(p, named2[n], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="adamw_lr"):
+        MuonClip(_Tiny(), lr=1e-2, qk_clip_tau=None, adamw_lr=0.0)
+
+
 def test_grouping_rule_and_override():
     model = _Tiny()
     muon, adamw = split_params_for_muonclip(model)

@@ -70,6 +70,8 @@ def test_train_config_errors_name_the_field(tmp_path):
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="qk_clip_tau"):
         TrainConfig(qk_clip_tau=-1.0).validated()
+    with pytest.raises(ValueError, match="adamw_lr.*only for optimizer='muonclip'"):
+        TrainConfig(optimizer="adamw", adamw_lr=1e-3).validated()
 
 
 def test_wsd_schedule_shape():
@@ -200,8 +202,8 @@ def test_config_file_then_flags(tmp_path):
     add_train_arguments(p, TrainConfig())
     cfg = resolve_config(p.parse_args(["--config", str(path), "--lr", "0.25"]), TrainConfig())
     assert (cfg.steps, cfg.lr, cfg.qk_clip_tau) == (7, 0.25, None)
-    cfg = resolve_config(p.parse_args(["--qk-clip-tau", "none", "--no-plots"]), TrainConfig())
-    assert cfg.qk_clip_tau is None and cfg.plots is False
+    cfg = resolve_config(p.parse_args(["--qk-clip-tau", "none", "--no-plots", "--adamw-lr", "1e-3"]), TrainConfig())
+    assert cfg.qk_clip_tau is None and cfg.plots is False and cfg.adamw_lr == 1e-3
     path.write_text(json.dumps({"stepz": 7}))
     with pytest.raises(ValueError, match=r"run.json: unknown field"):
         resolve_config(p.parse_args(["--config", str(path)]), TrainConfig())

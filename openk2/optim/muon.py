@@ -593,7 +593,9 @@ class MuonClip(torch.optim.Optimizer):
         loss.backward(); opt.step(); opt.zero_grad()
 
     Groups: param_groups[i]["use_muon"] says which update a group gets; all groups share lr and weight decay
-    (K2 reuses AdamW's lr/wd thanks to the moonlight RMS scaling). Every group's "lr" is the real learning rate,
+    (K2 reuses AdamW's lr/wd thanks to the moonlight RMS scaling). `adamw_lr` gives the AdamW group its own lr
+    instead (not the K2 recipe; Keller Jordan's Muon and many small-scale setups do this: see
+    docs/muonclip_experiments.md for what it changes at toy scale). Every group's "lr" is the real learning rate,
     so torch LR schedulers (LambdaLR stores "initial_lr" and rewrites "lr") and openk2.optim.schedule drive it.
 
     QK-Clip (qk_clip_tau not None): the model must be passed as a module; MuonClip turns `record_max_logits` on
@@ -616,8 +618,11 @@ class MuonClip(torch.optim.Optimizer):
         rms_scale: str = "moonlight",
         muon_filter: Callable[[str, Tensor], bool] | None = None,
         ns_steps: int = 5,
+        adamw_lr: float | None = None,
     ) -> None:
         _check_hparams(lr, weight_decay, momentum, rms_scale)
+        if adamw_lr is not None and not adamw_lr > 0:
+            raise ValueError(f"adamw_lr must be > 0 or None (share lr), got {adamw_lr}")
         if qk_clip_tau is not None and qk_clip_tau <= 0:
             raise ValueError(f"qk_clip_tau must be > 0 or None, got {qk_clip_tau}")
         muon_named, adamw_named = split_params_for_muonclip(model_or_params, muon_filter)
@@ -630,7 +635,7 @@ class MuonClip(torch.optim.Optimizer):
                                nesterov=nesterov, ns_steps=ns_steps, rms_scale=rms_scale, **common))
         if adamw_named:
             groups.append(dict(params=[p for _, p in adamw_named], use_muon=False, betas=adamw_betas,
-                               eps=adamw_eps, **common))
+                               eps=adamw_eps, **{**common, "lr": lr if adamw_lr is None else adamw_lr}))
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         rms_scale=rms_scale, betas=adamw_betas, eps=adamw_eps, use_muon=False)
         super().__init__(groups, defaults)
