@@ -39,6 +39,7 @@ from openk2.config import K2Config
 from openk2.model import K2ForCausalLM
 from openk2.optim import MuonClip, zeropower_via_newtonschulz
 from openk2.optim.muon import NS_COEFFICIENTS, gram_pays, orthogonalize_many
+from openk2.perf import measure_matmul_peak
 
 NS_STEPS = 5
 
@@ -220,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  matmul FLOPs: standard {flops_std / 1e9:.1f} G ({flops_std / ns3[naive_name] / 1e9:.0f} GFLOP/s naive, "
           f"{flops_std / ns3[standard_name] / 1e9:.0f} GFLOP/s ours standard); Gram {flops_ours / 1e9:.1f} G "
           f"({flops_ours / ns3[gram_name] / 1e9:.0f} GFLOP/s), {flops_std / flops_ours:.2f}x fewer")
+    # what any implementation could reach: its matmul FLOPs at this process's measured bf16 matmul peak
+    peak = measure_matmul_peak(torch.bfloat16)
+    print(f"  bf16 matmul peak (1024^3, this process) {peak / 1e9:.0f} GFLOP/s: naive at "
+          f"{flops_std / ns3[naive_name] / peak:.0%}, ours standard at {flops_std / ns3[standard_name] / peak:.0%}; "
+          f"ceiling vs naive at 100% of peak: standard iteration {ns3[naive_name] * peak / flops_std:.2f}x, "
+          f"Gram {ns3[naive_name] * peak / flops_ours:.2f}x")
 
     naive, ours_3d = ns3[naive_name], ns3[standard_name]
     if args.ns_only:
