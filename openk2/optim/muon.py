@@ -55,14 +55,16 @@ def gram_pays(shape: torch.Size | tuple[int, ...], steps: int = 5) -> bool:
     return steps > GRAM_RESTART_AFTER and m >= GRAM_MIN_SIDE and n >= GRAM_MIN_ASPECT * m
 
 
-def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, method: str = "standard") -> Tensor:
+def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, method: str = "standard", *,
+                               overwrite_input: bool = False) -> Tensor:
     """Approximately orthogonalize G (U S V^T -> U S' V^T, S' in ~[0.5, 1.5]) with a quintic Newton-Schulz
     iteration in bf16. G is [..., A, B]; leading dims are a batch (a 3-D expert stack [E, A, B] is E independent
     orthogonalizations done in one batched call). Returns bf16 of G's shape.
 
     method: "standard" iterates on X (torch.optim.Muon's algorithm; its results to the bit on 2-D weights);
     "gram" iterates on the small Gram matrix X X^T (same polynomial, fewer FLOPs for wide matrices, equal to
-    the standard iteration within bf16 rounding; see `_gram_newton_schulz`); "auto" picks by `gram_pays`."""
+    the standard iteration within bf16 rounding; see `_gram_newton_schulz`); "auto" picks by `gram_pays`.
+    overwrite_input: G is a bf16 tensor the caller no longer needs; the standard iteration starts in it (no copy)."""
     if G.ndim < 2:
         raise ValueError(f"zeropower_via_newtonschulz: need a [..., A, B] tensor, got shape {tuple(G.shape)}")
     if method not in NS_METHODS:
@@ -74,18 +76,25 @@ def zeropower_via_newtonschulz(G: Tensor, steps: int = 5, eps: float = NS_EPS, m
         X = _gram_newton_schulz(wide.reshape(-1, *wide.shape[-2:]), steps, eps).view(wide.shape)
         return X.mT if tall else X
     a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16()
+    X = G if overwrite_input and G.dtype == torch.bfloat16 else G.to(torch.bfloat16, copy=True)  # normalized in place
     if tall:  # iterate on the wide orientation: X X^T is the smaller product
         X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
     batch_shape = X.shape[:-2]
     if X.ndim > 3:
         X = X.reshape(-1, X.size(-2), X.size(-1))
     fused_mm = torch.addmm if X.ndim == 2 else torch.baddbmm  # beta*input + alpha*(m1 @ m2) in one kernel
-    for _ in range(steps):
-        A = X @ X.mT
-        B = fused_mm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        X = fused_mm(X, B, X, beta=a)  # a*X + B@X
+    mm = torch.mm if X.ndim == 2 else torch.bmm
+    # Every step writes into the same few buffers (the kernels are those of the textbook loop, results to the bit):
+    # a fresh multi-MB tensor per product costs page faults on CPU, up to a third of the call when the allocator
+    # returns memory to the OS between steps (docs/benchmarks.md).
+    A = X.new_empty(*X.shape[:-1], X.size(-2))
+    B = torch.empty_like(A)
+    X_buffers = (X.new_empty(X.shape), X if X.is_contiguous() else X.new_empty(X.shape))  # used in turn
+    for k in range(steps):
+        mm(X, X.mT, out=A)
+        fused_mm(A, A, A, beta=b, alpha=c, out=B)  # b*A + c*A@A
+        X = fused_mm(X, B, X, beta=a, out=X_buffers[k % 2])  # a*X + B@X
     X = X.reshape(*batch_shape, X.size(-2), X.size(-1))
     return X.mT if tall else X
 
@@ -184,7 +193,7 @@ def orthogonalize_many(updates: list[Tensor], steps: int = 5, stack_method: str 
         for j, w in zip(batch, wide.split(counts)):  # cast + transpose + concatenate in one pass
             u = updates[j].reshape(-1, *updates[j].shape[-2:])
             w.copy_(u.mT if u.size(-2) > u.size(-1) else u)
-        ortho = zeropower_via_newtonschulz(wide, steps, method=method)
+        ortho = zeropower_via_newtonschulz(wide, steps, method=method, overwrite_input=True)
         for j, o in zip(batch, ortho.split(counts)):
             results[j] = _from_wide_batch(o, updates[j])
     return results
