@@ -342,6 +342,8 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         record: dict[str, Any] = {"step": self.step + 1, "lr": cfg.lr * mult, "loss": loss, "grad_norm": grad_norm}
+        if cfg.adamw_lr is not None:  # MuonClip's AdamW group on its own lr
+            record["adamw_lr"] = cfg.adamw_lr * mult
         if mtp_loss is not None:  # `loss` includes mtp_loss_weight * mtp_loss
             record["mtp_loss"] = mtp_loss
         if finite:

@@ -112,6 +112,15 @@ def test_metrics_have_the_promised_fields(tmp_path):
     assert summary["steps"] == 6 and latest_checkpoint(Path(cfg.out)).name == "step_000006"
 
 
+def test_adamw_lr_follows_the_schedule_in_its_own_group(tmp_path):
+    cfg, model, trainer = _tiny_trainer(tmp_path, lr=1e-2, adamw_lr=1e-3)
+    trainer.fit()
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["adamw_lr"] / r["lr"] for r in rows] == pytest.approx([0.1] * len(rows))
+    lrs = {g["use_muon"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs[False] / lrs[True] == pytest.approx(0.1) and lrs[True] == pytest.approx(rows[-1]["lr"])
+
+
 def _pretrain_cmd(out: Path, data: Path, steps: int, extra=()):
     return [sys.executable, "-m", "openk2", "pretrain", "--preset", "tiny", "--data", str(data), "--out", str(out),
             "--steps", str(steps), "--batch-size", "2", "--seq-len", "64", "--dtype", "fp32", "--ckpt-every", "4",
