@@ -143,7 +143,13 @@ class DistContext:
         group.barrier(options).wait()
 
     def destroy(self) -> None:
+        """End the process group on the normal path, after a barrier: no rank tears down its connections while a
+        peer may still be sending to it (a gloo rank that left early was seen to abort in C++ at teardown). After
+        an exception, do not call this: the exception hook aborts the group instead, and a barrier would wait for
+        ranks that are not coming."""
         if dist.is_available() and dist.is_initialized():
+            if self.is_distributed:
+                self.barrier()
             dist.destroy_process_group()
 
 

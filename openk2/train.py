@@ -732,25 +732,32 @@ def run_pretrain(cfg: TrainConfig) -> dict[str, Any]:
     from openk2 import parallel
 
     ctx = parallel.init_distributed(ep=cfg.ep)
-    try:
-        device = ctx.device if ctx.world_size > 1 else pick_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        model = build_model(cfg, device)
-        tokenizer, data_dir = prepare_pretraining_data(cfg, model.config.vocab_size, ctx)
-        if ctx.world_size > 1:
-            parallel.parallelize(model, ctx)
-        batches = PretrainBatches(data_dir, cfg, ctx.data_rank, ctx.data_world)
-        trainer = Trainer(cfg, model, batches, tokenizer=tokenizer, ctx=ctx, stage="pretrain")
-        summary = trainer.fit()
-        if ctx.is_main:
-            val = summary["val_loss"]
-            _log(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, val_loss "
-                 f"{'n/a' if val is None else f'{val:.4f}'}, spikes {summary['spikes']}; run dir {summary['run_dir']}")
-        return summary
-    finally:
-        ctx.destroy()
+    summary = _pretrain(cfg, ctx)
+    # The normal path only: after an exception the hook from init_distributed aborts the group, where destroy()'s
+    # barrier would wait for ranks stuck in a collective.
+    ctx.destroy()
+    return summary
+
+
+def _pretrain(cfg: TrainConfig, ctx) -> dict[str, Any]:
+    from openk2 import parallel
+
+    device = ctx.device if ctx.world_size > 1 else pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg, device)
+    tokenizer, data_dir = prepare_pretraining_data(cfg, model.config.vocab_size, ctx)
+    if ctx.world_size > 1:
+        parallel.parallelize(model, ctx)
+    batches = PretrainBatches(data_dir, cfg, ctx.data_rank, ctx.data_world)
+    trainer = Trainer(cfg, model, batches, tokenizer=tokenizer, ctx=ctx, stage="pretrain")
+    summary = trainer.fit()
+    if ctx.is_main:
+        val = summary["val_loss"]
+        _log(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, val_loss "
+             f"{'n/a' if val is None else f'{val:.4f}'}, spikes {summary['spikes']}; run dir {summary['run_dir']}")
+    return summary
 
 
 def main_pretrain(argv: list[str] | None = None) -> int:

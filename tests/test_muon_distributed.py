@@ -14,30 +14,18 @@ magnitude larger (one step moves weights by ~1e-2).
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import dist_launch
 import pytest
 
 WORKER = Path(__file__).with_name("muon_dist_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def dist_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("muon_dist") / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr:
-        # Seen once in ~25 runs (2026-11-29): a worker aborted inside gloo ("terminate called without an active
-        # exception") with no Python error; not reproducible in 20 reruns. Retry once, and show the first failure.
-        print(f"torchrun worker aborted; retrying once. First attempt's stderr tail:\n{proc.stderr[-3000:]}",
-              file=sys.stderr)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = dist_launch.launch_expecting_success(WORKER, [str(out)], 2, 180)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())

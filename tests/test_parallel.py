@@ -30,9 +30,7 @@ A resumed run's first step uses exactly the checkpointed weights, so it must mat
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 
+import dist_launch
 from openk2 import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,25 +50,12 @@ CURVE_RTOL = 2e-3
 FIRST_STEP_RTOL = 1e-5
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _launch(args: list[str], nproc: int, timeout: float = 240, script: Path = SCRIPT) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, str(script), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--standalone", str(script), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return dist_launch.launch(script, args, nproc, timeout)
 
 
 def _run_ok(args: list[str], nproc: int) -> None:
-    proc = _launch(args, nproc)
+    proc = dist_launch.launch_expecting_success(SCRIPT, args, nproc, 240)
     assert proc.returncode == 0, f"{' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
 
 
@@ -78,8 +64,11 @@ def _run_ok_concurrently(*jobs: tuple) -> None:
     dominates and overlaps well."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def run(args, nproc, timeout=240, script=SCRIPT):
+        return dist_launch.launch_expecting_success(script, args, nproc, timeout)
+
     with ThreadPoolExecutor(len(jobs)) as pool:
-        procs = list(pool.map(lambda job: _launch(*job), jobs))
+        procs = list(pool.map(lambda job: run(*job), jobs))
     for (args, *_), proc in zip(jobs, procs):
         assert proc.returncode == 0, f"{' '.join(args)} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
 
@@ -228,13 +217,12 @@ def test_real_training_loop_ep2_matches_one_process(tmp_path):
     common = ["pretrain", "--preset", "tiny", "--steps", "12", "--seq-len", "32", "--data", str(corpus),
               "--dtype", "fp32", "--no-progress", "--no-plots", "--ckpt-every", "6", "--val-every", "1000",
               "--val-fraction", "0.2"]
-    one = subprocess.run([sys.executable, "-m", "openk2", *common, "--batch-size", "4", "--out", str(tmp_path / "w1")],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    one = dist_launch.launch_expecting_success(["-m", "openk2"], [*common, "--batch-size", "4", "--out",
+                                                                   str(tmp_path / "w1")], 1, 120)
     assert one.returncode == 0, one.stderr[-4000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "openk2", *common, "--batch-size", "2", "--ep", "2", "--out", str(tmp_path / "ep2"),
-                          "--tokenizer", str(tmp_path / "w1" / "tokenizer")],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    two = dist_launch.launch_expecting_success(["-m", "openk2"], [*common, "--batch-size", "2", "--ep", "2", "--out",
+                                                                   str(tmp_path / "ep2"), "--tokenizer",
+                                                                   str(tmp_path / "w1" / "tokenizer")], 2, 120)
     assert two.returncode == 0, two.stderr[-4000:]
     a = [json.loads(line) for line in (tmp_path / "w1" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "ep2" / "metrics.jsonl").read_text().splitlines()]
@@ -349,9 +337,8 @@ def test_expert_parallel_module_barrier_and_reductions(tmp_path):
     including a rank that receives no rows and bf16 tokens on the wire; ctx.barrier(timeout_s) outlasting the
     collective timeout; the context's reductions."""
     result = tmp_path / "collectives.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "dist" / "collectives_check.py"), "--result", str(result)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = dist_launch.launch_expecting_success(ROOT / "tests" / "dist" / "collectives_check.py",
+                                               ["--result", str(result)], 2, 120)
     assert proc.returncode == 0, proc.stderr[-6000:]
     checks = json.loads(result.read_text())
     ep = checks["expert_parallel"]
@@ -394,6 +381,24 @@ def test_init_errors_are_clear(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='nccl' needs CUDA"):
             parallel.init_distributed(backend="nccl")
+
+
+def test_launcher_retries_a_signal_death_once_and_never_a_python_error(tmp_path):
+    """tests/dist_launch.py: a run that aborts (no Python error) is retried once, with a warning; a Python error is
+    not retried; a run that aborts twice fails."""
+    script = tmp_path / "flaky.py"
+    script.write_text("import os, sys\nfrom pathlib import Path\nmarker = Path(sys.argv[1])\n"
+                      "n = int(marker.read_text()) if marker.exists() else 0\nmarker.write_text(str(n + 1))\n"
+                      "if sys.argv[2] == 'raise': raise RuntimeError('a real bug')\n"
+                      "if n < int(sys.argv[2]): os.abort()\n")
+    with pytest.warns(UserWarning, match="died by a signal with no Python error; retrying once"):
+        proc = dist_launch.launch_expecting_success(script, [str(tmp_path / "once"), "1"], 1, 30)
+    assert proc.returncode == 0 and (tmp_path / "once").read_text() == "2"
+    with pytest.warns(UserWarning):
+        proc = dist_launch.launch_expecting_success(script, [str(tmp_path / "twice"), "2"], 1, 30)
+    assert proc.returncode < 0 and (tmp_path / "twice").read_text() == "2"
+    proc = dist_launch.launch_expecting_success(script, [str(tmp_path / "raise"), "raise"], 1, 30)
+    assert proc.returncode == 1 and "a real bug" in proc.stderr and (tmp_path / "raise").read_text() == "1"
 
 
 def test_load_rejects_an_incomplete_checkpoint(tmp_path):
