@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-only", choices=("muonclip", "adamw"), default=None, help="run only this optimizer's lr "
                    "sweep and exit (a second process can sweep AdamW while the first sweeps MuonClip)")
     p.add_argument("--budget-worker", action="store_true", help="run (or reuse, or wait for) MuonClip's lr sweep, "
-                   "then only its budget runs for --fractions, and exit: a helper process for a long experiment")
+                   "then only its budget runs for --fractions (largest first, the main process goes smallest first), and exit: a "
+                   "helper process for a long experiment")
     p.add_argument("--lr-check-fraction", type=float, default=None, help="the budget (fraction of the full one) "
                    "for the lr check; default: the budget run nearest the crossing")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="phases after the lr sweep "
@@ -582,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             best_lr = runs[best_of(opt)]["lr"]
             run(opt, best_lr * 2 if best_lr == max(lrs_run) else best_lr / 2, steps=s.steps, role="lr_sweep")
     if args.budget_worker:
-        for frac in s.budget_fractions:
+        # largest budget first: the main process goes smallest first, so the two meet in the middle instead of
+        # waiting on each other's run
+        for frac in reversed(s.budget_fractions):
             run("muonclip", runs[best_of("muonclip")]["lr"], steps=steps_for(frac), role="budget")
     if args.sweep_only:
         return 0

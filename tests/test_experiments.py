@@ -66,6 +66,20 @@ def test_same_config_ignores_fields_added_later_at_their_default(experiments):
     assert not te.same_config(saved | {"field_we_dropped": 1}, cfg)
 
 
+def test_budget_worker_runs_largest_budget_first_and_the_main_process_reuses_it(experiments, tmp_path):
+    """--budget-worker trains MuonClip's lr sweep, then its budgets largest first (the main process goes smallest
+    first, so two processes meet in the middle); the main process afterwards reuses every run it finds."""
+    te, _ = experiments
+    assert te.main(["--quick", "--out", str(tmp_path), "--budget-worker"]) == 0
+    assert not (tmp_path / "results.json").exists()
+    budgets = [tmp_path / f"muonclip_lr0.01_steps{steps}" for steps in (5, 8)]
+    finished = [(b / "summary.json").stat().st_mtime_ns for b in budgets]
+    assert finished[1] < finished[0]  # 8 steps (0.8) before 5 steps (0.5)
+    assert te.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert [(b / "summary.json").stat().st_mtime_ns for b in budgets] == finished  # reused, not retrained
+    assert [p["steps"] for p in json.loads((tmp_path / "results.json").read_text())["budget_sweep"]["points"]] == [5, 8, 10]
+
+
 def test_token_efficiency_quick(experiments, tmp_path, capsys):
     te, _ = experiments
     assert te.main(["--quick", "--out", str(tmp_path)]) == 0
