@@ -167,6 +167,32 @@ def evaluate_tool_calls(model, tokenizer, tasks: list[toolworld.ToolTask], *, ma
             "examples": examples}
 
 
+@torch.no_grad()
+def in_context_copying(model, base_vocab_size: int, *, rows: int = 8, length: int = 40, seed: int = 0
+                       ) -> dict[str, float]:
+    """Mean next-token loss on random ordinary-token sequences, on the first pass and on an exact repeat of them.
+
+    A model with induction heads predicts the repeat almost perfectly (loss near 0); one without scores both
+    passes alike (about ln(vocab)). Copying a call's arguments (numbers, names) from the question needs this
+    ability, so a base without it learns the call format in SFT but not the values."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, base_vocab_size, (rows, length), generator=g)
+    ids = torch.cat([first, first], dim=1).to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    logits = model(ids).logits.float()
+    model.train(was_training)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return {"first_pass_loss": float(nll[:, : length - 1].mean()), "repeat_loss": float(nll[:, length:].mean())}
+
+
+def _copy_line(r: dict[str, float]) -> str:
+    return (f"in-context copying: loss on random tokens {r['first_pass_loss']:.2f}, on their exact repeat "
+            f"{r['repeat_loss']:.2f}" + ("" if r["repeat_loss"] < 0.5 * r["first_pass_loss"] else
+                                         " (the model does not copy from its context: it can learn the call format "
+                                         "but not copy argument values; a longer-trained base can)"))
+
+
 def _score_line(r: dict[str, Any]) -> str:
     return f"well-formed {r['well_formed']:.1%}, right tool {r['right_tool']:.1%}, correct {r['correct']:.1%}"
 
@@ -254,12 +280,15 @@ def run_sft(cfg: TrainConfig, *, base: str | None, data: str | None, n_train: in
     report: dict[str, Any] = {"base": base_desc}
     if eval_tool_calls and eval_tasks and not cfg.resume:
         report["before"] = evaluate_tool_calls(model, tokenizer, eval_tasks)
-        _log(f"held-out tool calls before SFT: {_score_line(report['before'])}")
+        report["before"]["copying"] = in_context_copying(model, tokenizer.base_vocab_size)
+        _log(f"held-out tool calls before SFT: {_score_line(report['before'])}; "
+             f"{_copy_line(report['before']['copying'])}")
     trainer = Trainer(cfg, model, batches, tokenizer=tokenizer, stage="sft")
     report["train"] = trainer.fit()
     if eval_tool_calls and eval_tasks:
         report["after"] = evaluate_tool_calls(model, tokenizer, eval_tasks)
-        _log(f"held-out tool calls after SFT: {_score_line(report['after'])}")
+        report["after"]["copying"] = in_context_copying(model, tokenizer.base_vocab_size)
+        _log(f"held-out tool calls after SFT: {_score_line(report['after'])}; {_copy_line(report['after']['copying'])}")
         (run_dir / "tool_eval.json").write_text(json.dumps(report, indent=2))
     return report
 

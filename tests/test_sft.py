@@ -87,3 +87,31 @@ def test_sft_cli_end_to_end(tmp_path):
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first * 0.8, (first, last)
     assert (out / "checkpoints" / "latest").exists()
+
+
+def test_copy_probe_tells_a_copying_model_from_one_that_cannot():
+    """in_context_copying: near-zero loss on the repeat for a model that copies from `length` tokens back, and the
+    same loss on both passes (about ln V) for a freshly initialised model."""
+    import math
+    from types import SimpleNamespace
+
+    from openk2.config import K2Config
+    from openk2.model import K2ForCausalLM
+    from openk2.sft import in_context_copying
+
+    vocab, length = 512, 40
+
+    class Copier(torch.nn.Module):  # from the repeat on, predicts the token `length` positions back; uniform before
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))  # the probe reads the device from a parameter
+
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, vocab)
+            logits[:, length - 1:2 * length - 1].scatter_(-1, ids[:, :length, None], 30.0)
+            return SimpleNamespace(logits=logits)
+
+    copy = in_context_copying(Copier(), vocab, length=length)
+    assert copy["repeat_loss"] < 0.01 and abs(copy["first_pass_loss"] - math.log(vocab)) < 0.01
+    fresh = in_context_copying(K2ForCausalLM(K2Config.preset("tiny")), vocab, length=length)
+    assert abs(fresh["repeat_loss"] - fresh["first_pass_loss"]) < 0.3 < fresh["first_pass_loss"] - 5
