@@ -11,14 +11,15 @@ tokens), then decodes one token for every active row together. New requests ther
 
 Two ways in:
 - `Engine.generate(prompts, params)`: offline and batched (RL rollouts, evaluation, tests); runs the scheduler in
-  the calling thread unless the background thread is already running.
+  the calling thread unless the background thread is running (and takes over if that thread is shut down).
 - `Engine.submit(prompt_ids, params) -> RequestHandle`: from any thread (the HTTP server). A background thread
   started on first use owns the model; the handle yields `StreamDelta`s (text + token deltas) and can be
   cancelled. `handle.result()` blocks for the whole `Completion`.
 
-Sampling (per request, in fp32): logit bias → banned tokens → temperature (0 = greedy) → top-k → top-p → one draw from a
-per-request `torch.Generator`, so a seeded request gives the same tokens whatever else shares the batch (up to the
-batch-size dependence of floating-point matmuls). The logprob recorded for each sampled token is
+Sampling (per request, in fp32): logit bias → banned tokens → temperature (0, or anything below
+`GREEDY_TEMPERATURE`, = greedy) → top-k → top-p → one draw from a per-request `torch.Generator`, so a seeded
+request gives the same tokens whatever else shares the batch (up to the batch-size dependence of floating-point
+matmuls). The logprob recorded for each sampled token is
 log_softmax of the *raw* model logits (before temperature / top-k / top-p), which is what RL needs to recompute
 and compare against the trainer's forward.
 
@@ -39,7 +40,7 @@ import itertools
 import random
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,9 @@ import torch
 
 DEFAULT_MAX_SEQ_LEN = 4096  # cache rows are allocated up front: don't size them to a 128k context by default
 STOP_TOKEN_NAMES = ("[EOS]", "<|im_end|>")
+# temperatures below this are greedy (as in vLLM): logits / 1e-40 overflows fp32 and the softmax turns to NaN
+GREEDY_TEMPERATURE = 1e-5
+SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed accepts (negative seeds wrap around mod 2**64)
 
 
 # --------------------------------------------------------------------------------------------- request parameters
@@ -56,7 +60,7 @@ STOP_TOKEN_NAMES = ("[EOS]", "<|im_end|>")
 class SamplingParams:
     """How to sample one request. Validated on construction (ValueError naming the field)."""
 
-    temperature: float = 1.0  # 0 → greedy
+    temperature: float = 1.0  # 0 (or < GREEDY_TEMPERATURE) → greedy
     top_p: float = 1.0  # nucleus mass in (0, 1]
     top_k: int = 0  # 0 → off
     max_tokens: int = 256
@@ -97,10 +101,13 @@ class SamplingParams:
         if not all(_is_int(t) and t >= 0 and isinstance(b, (int, float)) and not isinstance(b, bool)
                    and -100 <= b <= 100 for t, b in self.logit_bias.items()):
             fail("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
-        if self.seed is not None and not _is_int(self.seed):
-            fail("seed", "must be an integer or None")
         if not _is_int(self.n) or self.n < 1:
             fail("n", "must be an integer >= 1")
+        if self.seed is not None and not _is_int(self.seed):
+            fail("seed", "must be an integer or None")
+        low, high = SEED_RANGE
+        if self.seed is not None and not low <= self.seed <= high - self.n:  # sample i of n is seeded with seed + i
+            fail("seed", f"must be in [-2**63, 2**64 - n] (n={self.n}): torch generators take 64-bit seeds")
 
     def for_sample(self, index: int) -> SamplingParams:
         """The params of the index-th of n samples: n=1, and seed+index so that samples differ."""
@@ -164,11 +171,13 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
             if p.banned_token_ids:
                 scores[row, p.banned_token_ids] = float("-inf")
     greedy_tokens = torch.argmax(scores, dim=-1)
-    greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
-    if bool(greedy.all()):
+    is_greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
+    greedy = torch.tensor(is_greedy, device=device)
+    if all(is_greedy):
         tokens = greedy_tokens
     else:
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1)
+        temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, is_greedy)],
+                                   device=device).unsqueeze(1)
         scores = scores / temperature
         top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
         if any(top_k):
@@ -330,13 +339,17 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request is finished; raises GenerationError if the model failed on it."""
-        with self._lock:
-            if not self._lock.wait_for(lambda: self.done, timeout=timeout):
-                raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        if not self._wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
         if self._error is not None:
             raise self._error
         assert self._completion is not None
         return self._completion
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Block until the request is finished or `timeout` s have passed; True if it is finished."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.done, timeout=timeout)
 
 
 @dataclass(eq=False)  # identity semantics: sequences are found in / removed from lists by identity
@@ -376,6 +389,8 @@ class Engine:
                  dtype: torch.dtype | None = None, prefill_chunk: int = 512):
         if max_batch_size < 1:
             raise ValueError(f"Engine max_batch_size={max_batch_size}: must be >= 1")
+        if not _is_int(prefill_chunk) or prefill_chunk < 1:
+            raise ValueError(f"Engine prefill_chunk={prefill_chunk!r}: must be an integer >= 1")
         config = getattr(model, "config", None)
         model_max = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
         self.max_seq_len = int(max_seq_len or min(model_max, DEFAULT_MAX_SEQ_LEN))
@@ -389,6 +404,10 @@ class Engine:
         self.dtype = dtype or first_param.dtype
         self.tokenizer = tokenizer
         self.vocab_size = int(getattr(config, "vocab_size", 0) or model.lm_head.weight.shape[0])
+        tokenizer_vocab = getattr(tokenizer, "vocab_size", None)
+        if tokenizer_vocab is not None and tokenizer_vocab < self.vocab_size:  # the model could emit undecodable ids
+            raise ValueError(f"Engine: the model's vocabulary has {self.vocab_size} ids but the tokenizer's only "
+                             f"{tokenizer_vocab}: are the checkpoint and the tokenizer from the same run?")
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
         self.default_stop_ids = frozenset(self._default_stop_ids(tokenizer))
@@ -426,17 +445,27 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Completion]:
         """Complete every prompt `params.n` times; returns prompt-major completions (prompt 0 sample 0, 0/1, ...)."""
         params = params or SamplingParams()
-        handles = [self._enqueue(prompt, params.for_sample(i), prompt_index=p, sample_index=i)
-                   for p, prompt in enumerate(prompts) for i in range(params.n)]
-        if self._thread is None:  # no server thread: drive the scheduler here
+        # every sequence is built (so validated) before any is queued: a bad prompt k leaves no orphans 0..k-1
+        handles = self._enqueue([self._new_sequence(prompt, params.for_sample(i), prompt_index=p, sample_index=i)
+                                 for p, prompt in enumerate(prompts) for i in range(params.n)])
+        try:
             while not all(h.done for h in handles):
-                self.step()
+                thread = self._thread
+                if thread is not None and thread.is_alive():
+                    # the background thread schedules; look again now and then, it may be shut down meanwhile
+                    next(h for h in handles if not h.done)._wait(timeout=0.05)
+                else:  # no background thread (or no longer one): drive the scheduler here
+                    self.step()
+        except BaseException:  # e.g. Ctrl-C: don't leave our sequences running for the next caller
+            for handle in handles:
+                handle.cancel()
+            raise
         return [h.result() for h in handles]
 
     # --- online API -----------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
         """Queue one sequence (params.n is ignored: submit n times) and return its handle. Starts the thread."""
-        handle = self._enqueue(prompt_ids, (params or SamplingParams()).for_sample(0))
+        (handle,) = self._enqueue([self._new_sequence(prompt_ids, (params or SamplingParams()).for_sample(0))])
         self.start()
         return handle
 
@@ -449,7 +478,8 @@ class Engine:
                 self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the background thread after its current step (pending requests stay queued)."""
+        """Stop the background thread after its current step (pending requests stay queued; a generate() call
+        waiting on them drives the scheduler itself from then on)."""
         with self._queue_lock:
             self._shutdown = True
             self._queue_lock.notify_all()
@@ -465,8 +495,9 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def _enqueue(self, prompt_ids: Sequence[int], params: SamplingParams, *, prompt_index: int = 0,
-                 sample_index: int = 0) -> RequestHandle:
+    def _new_sequence(self, prompt_ids: Sequence[int], params: SamplingParams, *, prompt_index: int = 0,
+                      sample_index: int = 0) -> _Sequence:
+        """Validate one request and build its sequence (ValueError naming what is wrong); nothing is queued."""
         prompt = self._check_prompt(prompt_ids, prompt_index)
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("banned_token_ids", params.banned_token_ids),
                           ("logit_bias", list(params.logit_bias))):
@@ -476,15 +507,18 @@ class Engine:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_ids = frozenset() if params.ignore_eos else self.default_stop_ids | frozenset(params.stop_token_ids)
-        seq = _Sequence(
+        return _Sequence(
             handle=RequestHandle(next(self._ids), len(prompt)), prompt_ids=prompt, params=params,
             generator=generator, stop_ids=stop_ids,
             max_new_tokens=min(params.max_tokens, self.max_seq_len - len(prompt) + 1),
             detok=self._detokenizer(), prompt_index=prompt_index, sample_index=sample_index)
+
+    def _enqueue(self, seqs: list[_Sequence]) -> list[RequestHandle]:
+        """Queue already validated sequences, all at once."""
         with self._queue_lock:
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
             self._queue_lock.notify_all()
-        return seq.handle
+        return [seq.handle for seq in seqs]
 
     def _detokenizer(self):
         """The tokenizer's own incremental decoder (K2Tokenizer has one), else a decode()-based fallback."""
@@ -527,11 +561,14 @@ class Engine:
                 if self._active:
                     self._decode_active()
             except Exception as error:  # anything unforeseen: fail what is running, never kill the engine thread
-                self._fail(list(self._active), error)
-                if self._cache is None:  # could not even allocate the cache: nothing waiting can run either
-                    with self._queue_lock:
-                        waiting, self._waiting = list(self._waiting), collections.deque()
-                    self._fail(waiting, error)
+                try:
+                    self._fail(list(self._active), error)
+                    if self._cache is None:  # could not even allocate the cache: nothing waiting can run either
+                        with self._queue_lock:
+                            waiting, self._waiting = list(self._waiting), collections.deque()
+                        self._fail(waiting, error)
+                except Exception as cleanup_error:  # failing them failed too (e.g. the cache reset raised)
+                    self._start_over(cleanup_error)
 
     def _drop_cancelled(self) -> None:
         with self._queue_lock:
@@ -539,7 +576,7 @@ class Engine:
             for seq in cancelled:
                 self._waiting.remove(seq)
         for seq in cancelled + [s for s in self._active if s.handle.cancelled]:
-            self._finish(seq, "cancelled")
+            self._or_fail(seq, self._finish, seq, "cancelled")
 
     def _admit_waiting(self) -> None:
         while self._free_rows:
@@ -562,7 +599,7 @@ class Engine:
                 continue
             self.stats["prefills"] += 1
             self.stats["prefill_tokens"] += len(seq.prompt_ids)
-            self._append_token(seq, tokens[0], logprobs[0])
+            self._or_fail(seq, self._append_token, seq, tokens[0], logprobs[0])
 
     def _decode_active(self) -> None:
         batch = list(self._active)
@@ -576,7 +613,14 @@ class Engine:
             return
         self.stats["decode_steps"] += 1
         for seq, token, logprob in zip(batch, tokens, logprobs):
-            self._append_token(seq, token, logprob)
+            self._or_fail(seq, self._append_token, seq, token, logprob)
+
+    def _or_fail(self, seq: _Sequence, action: Callable[..., None], *args: Any) -> None:
+        """Run one request's bookkeeping (detokenize, stop, stream, finish); if it raises, only that request fails."""
+        try:
+            action(*args)
+        except Exception as error:
+            self._fail([seq], error)
 
     def _append_token(self, seq: _Sequence, token: int, logprob: float) -> None:
         """Record a sampled token, stream its text, and finish the sequence if it stops here."""
@@ -631,7 +675,21 @@ class Engine:
         self.stats["failures"] += 1
         message = f"generation failed: {type(error).__name__}: {error}"
         for seq in batch:
-            self._release(seq)
+            try:
+                self._release(seq)
+            finally:  # even if the cache reset raised: the consumer must not wait forever
+                seq.handle._finish(None, GenerationError(message))
+
+    def _start_over(self, error: Exception) -> None:
+        """Last resort when failing a step's requests failed too: fail every active request, then start over with
+        a fresh cache and all rows free (their state is unknown now). Waiting requests never touched the cache:
+        they stay queued and run on the fresh one."""
+        self.stats["failures"] += 1
+        message = f"generation failed: {type(error).__name__}: {error}"
+        active, self._active = self._active, []
+        self._cache, self._free_rows = None, list(range(self.max_batch_size))
+        for seq in active:
+            seq.row = None
             seq.handle._finish(None, GenerationError(message))
 
     def _release(self, seq: _Sequence) -> None:
@@ -763,7 +821,7 @@ def main_chat(argv: list[str] | None = None) -> int:
         print("k2> ", end="", flush=True)
         try:
             completion = _stream(engine, prompt_ids, params)
-        except ValueError as error:  # e.g. the conversation outgrew the cache: say so, keep the session
+        except (ValueError, GenerationError) as error:  # e.g. the conversation outgrew the cache: keep the session
             print(f"\n(error: {error}; /reset to start over)")
             messages.pop()
             continue

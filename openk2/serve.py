@@ -278,10 +278,17 @@ class ChatService:
 
     # engine → response -------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams):
+        handles = []
         try:
-            return [self.engine.submit(prompt_ids, params.for_sample(i)) for i in range(params.n)]
-        except ValueError as error:
-            raise APIError(400, str(error)) from error
+            for i in range(params.n):
+                handles.append(self.engine.submit(prompt_ids, params.for_sample(i)))
+        except Exception as error:  # the client gets an error: the samples already queued must not run for nobody
+            for handle in handles:
+                handle.cancel()
+            if isinstance(error, ValueError):
+                raise APIError(400, str(error)) from error
+            raise
+        return handles
 
     def parse(self, text: str, tools: list[ToolSpec] | None):
         return self.chat.parse_assistant_output(text, tools=[t.model_dump() for t in tools] if tools else None)
@@ -363,7 +370,7 @@ def create_app(engine: Engine, model_name: str = "openk2") -> FastAPI:
              "max_model_len": engine.max_seq_len}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         prompt_ids, forced, params = service.prepare(req)
         handles = service.submit(prompt_ids, params)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -372,11 +379,13 @@ def create_app(engine: Engine, model_name: str = "openk2") -> FastAPI:
             return StreamingResponse(
                 _stream_chunks(service, req, handles, forced, response_id, len(prompt_ids), include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
         try:
             completions = [await _collect(handle) for handle in handles]
         except GenerationError as error:
             raise APIError(500, str(error), type_="server_error") from error
         finally:
+            watcher.cancel()
             for handle in handles:
                 handle.cancel()  # no-op when finished; frees rows if we got here by an error
         choices = []
@@ -390,6 +399,15 @@ def create_app(engine: Engine, model_name: str = "openk2") -> FastAPI:
                                               "total_tokens": len(prompt_ids) + completion_tokens}}
 
     return app
+
+
+async def _cancel_on_disconnect(request: Request, handles) -> None:
+    """Cancel `handles` when the client hangs up. The body is already read, so the next ASGI message is the
+    disconnect (as in Starlette's own StreamingResponse, which does the same for the streaming path)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    for handle in handles:
+        handle.cancel()
 
 
 async def _collect(handle) -> Completion:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from openk2.config import K2Config
-from openk2.engine import Engine, GenerationError, SamplingParams, sample_next_tokens
+from openk2.engine import GREEDY_TEMPERATURE, Engine, GenerationError, SamplingParams, sample_next_tokens
 from openk2.model import K2ForCausalLM
 from openk2.tokenizer import train_tokenizer
 
@@ -106,10 +106,24 @@ def test_sampling_params_validation_names_the_field():
     for bad, field in [(dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
                        (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(stop=[""]), "stop"),
                        (dict(seed=1.5), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
-                       (dict(logit_bias={3: 101}), "logit_bias")]:
+                       (dict(logit_bias={3: 101}), "logit_bias"),
+                       # torch generators take seeds in [-2**63, 2**64), and sample i of n uses seed + i
+                       (dict(seed=2**64), "seed"), (dict(seed=2**64 - 1, n=2), "seed"),
+                       (dict(seed=-2**63 - 1), "seed")]:
         with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"]
+    assert SamplingParams(seed=2**64 - 2, n=2).for_sample(1).seed == 2**64 - 1
+    SamplingParams(seed=-2**63)  # the lowest seed torch takes
+
+
+def test_tiny_temperature_is_greedy():
+    """logits / 1e-40 overflows fp32 (softmax NaN, which always "sampled" token 0): below the cutoff is greedy."""
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]])
+    for temperature in [GREEDY_TEMPERATURE / 2, 1e-30, 1e-40, 1e-300]:
+        params = [SamplingParams(temperature=temperature), SamplingParams(temperature=1.0, top_k=1)]
+        tokens, _ = sample_next_tokens(logits.repeat(2, 1), params, [torch.Generator().manual_seed(0)] * 2)
+        assert tokens == [1, 1], temperature
 
 
 def test_prompt_validation(model, tokenizer):
@@ -123,6 +137,27 @@ def test_prompt_validation(model, tokenizer):
     # a prompt near the limit is cut at the cache's end with finish_reason "length"
     out = engine.generate([list(range(3, 17))], SamplingParams(max_tokens=50, **GREEDY))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 16 - 14 + 1
+
+
+def test_a_bad_prompt_leaves_nothing_queued(model, tokenizer):
+    """generate() validates every prompt before queueing any: a bad last prompt must not leave the others behind
+    to run (unasked) in the next call."""
+    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=64)
+    with pytest.raises(ValueError, match="prompt 2: empty"):
+        engine.generate([[5, 6, 7], [8, 9], []], SamplingParams(max_tokens=30, **GREEDY))
+    assert engine.num_waiting == 0
+    out = engine.generate([[10, 11]], SamplingParams(max_tokens=2, **GREEDY))
+    assert len(out[0].token_ids) == 2 and engine.stats["generated_tokens"] == 2
+
+
+def test_engine_checks_its_setup(model, tokenizer):
+    with pytest.raises(ValueError, match="prefill_chunk=0: must be an integer >= 1"):
+        Engine(model, tokenizer, prefill_chunk=0)
+    # a model that can emit ids the tokenizer cannot decode would fail mid-generation: say so up front
+    torch.manual_seed(0)
+    wider = K2ForCausalLM(K2Config.preset("tiny").replace(vocab_size=600)).eval()
+    with pytest.raises(ValueError, match="600 ids but the tokenizer's only 512"):
+        Engine(wider, tokenizer)
 
 
 def test_stop_tokens_and_strings(model, tokenizer, ascii_only):
@@ -241,3 +276,92 @@ def test_load_engine_skips_mtp_modules(tmp_path, tokenizer):
     assert len(engine.model.mtp) == 0 and len(with_mtp.mtp) == 1
     ids = torch.tensor([tokenizer.encode("the quick brown fox")])
     torch.testing.assert_close(engine.model(ids).logits, with_mtp(ids).logits)
+
+
+class _TokenizerThatCannotDecode:
+    """The fixture tokenizer, except that decoding ids with `bad_id` at least `times` times raises."""
+
+    incremental_decoder = None  # the engine then detokenizes with decode()
+
+    def __init__(self, tokenizer, bad_id: int, times: int):
+        self._tokenizer, self.bad_id, self.times = tokenizer, bad_id, times
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def decode(self, ids):
+        ids = list(ids)
+        if ids.count(self.bad_id) >= self.times:
+            raise IndexError(f"cannot decode token {self.bad_id}")
+        return self._tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("fails_at", ["prefill", "decode"])
+def test_a_failure_recording_a_token_fails_only_its_request(model, tokenizer, fails_at):
+    bad = 300
+    prompt = make_prompts([4])[0]
+    innocent_params = SamplingParams(max_tokens=6, banned_token_ids=[bad], **GREEDY)
+    expected = Engine(model, tokenizer, max_batch_size=1, max_seq_len=64).generate([prompt], innocent_params)[0]
+    # the doomed request samples `bad` every time: its first token (prefill) or its second (first decode) fails
+    poisoned = _TokenizerThatCannotDecode(tokenizer, bad, times=1 if fails_at == "prefill" else 2)
+    engine = Engine(model, poisoned, max_batch_size=2, max_seq_len=64)
+    with engine._step_lock:  # both are queued before the first step: they are admitted and decoded together
+        innocent = engine.submit(prompt, innocent_params)
+        doomed = engine.submit(prompt, SamplingParams(max_tokens=6, logit_bias={bad: 100}, **GREEDY))
+    with pytest.raises(GenerationError, match="cannot decode token 300"):
+        doomed.result(timeout=30)
+    assert innocent.result(timeout=30).token_ids == expected.token_ids
+    engine.shutdown()
+    assert engine.stats["failures"] == 1 and sorted(engine._free_rows) == [0, 1]
+
+
+def test_generate_takes_over_when_the_thread_is_shut_down(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=64)
+    prompts, params = make_prompts([3, 5], seed=2), SamplingParams(max_tokens=5, **GREEDY)
+    expected = [c.token_ids for c in engine.generate(prompts, params)]
+    real_forward, first_forward = model.forward, threading.Event()
+
+    def forward_until_shutdown(*args, **kwargs):  # hold the thread's first step until shutdown() is called
+        if not first_forward.is_set():
+            first_forward.set()
+            while not engine._shutdown:
+                time.sleep(0.001)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward_until_shutdown)
+    engine.start()
+    results = {}
+    caller = threading.Thread(target=lambda: results.update(out=engine.generate(prompts, params)), daemon=True)
+    caller.start()
+    assert first_forward.wait(timeout=30)
+    engine.shutdown()  # while generate() waits on the background thread, with its work half done
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "generate() hangs once the scheduler thread is gone"
+    assert [c.token_ids for c in results["out"]] == expected
+
+
+def test_a_failure_in_the_error_handling_does_not_kill_the_engine(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=64)
+    prompt, params = make_prompts([4])[0], SamplingParams(max_tokens=5, **GREEDY)
+    engine.step()  # allocates the cache
+
+    def broken(what):
+        def raise_(*args, **kwargs):
+            raise RuntimeError(f"injected {what} fault")
+        return raise_
+
+    # the forward fails, and so does resetting the request's cache row while failing it: it still fails, not hangs
+    monkeypatch.setattr(model, "forward", broken("forward"))
+    monkeypatch.setattr(engine._cache, "reset", broken("reset"))
+    with pytest.raises(GenerationError, match="injected reset fault"):
+        engine.submit(prompt, params).result(timeout=30)
+    # failing the requests of a step raises (a bug in the error handling itself): the scheduler thread survives
+    monkeypatch.undo()
+    monkeypatch.setattr(model, "forward", broken("forward"))
+    monkeypatch.setattr(engine, "_fail", broken("error handling"))
+    with pytest.raises(GenerationError, match="injected error handling fault"):
+        engine.submit(prompt, params).result(timeout=30)
+    monkeypatch.undo()
+    ok = engine.submit(prompt, params).result(timeout=30)
+    assert len(ok.token_ids) == 5 and sorted(engine._free_rows) == [0, 1]
+    engine.shutdown()

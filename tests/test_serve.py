@@ -335,6 +335,57 @@ def test_generation_failure_is_a_500_and_the_server_recovers(server, client, mon
     assert again.choices[0].message.content == GREETING_REPLY
 
 
+def test_seed_out_of_range_is_a_400_and_generates_nothing(server):
+    """n=2 with seed 2**64-1: sample 1 would be seeded with 2**64, which torch generators reject. The request is
+    refused as a whole, naming the field, before any sample is queued."""
+    engine = server.engine
+    before = engine.stats["generated_tokens"]
+    response = httpx.post(f"{server.base_url}/chat/completions", timeout=60, json={
+        "model": "m", "messages": [{"role": "user", "content": GREETING}], "n": 2, "seed": 2**64 - 1,
+        "max_tokens": 1500, "ignore_eos": True})
+    assert response.status_code == 400 and "SamplingParams.seed=" in response.json()["error"]["message"]
+    assert engine.num_waiting + engine.num_active == 0 and engine.stats["generated_tokens"] == before
+
+
+def _wait_until_idle(engine, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (engine.num_active or engine.num_waiting or len(engine._free_rows) < engine.max_batch_size) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)  # (the row goes back to the free list just after the sequence leaves the active list)
+    assert engine.num_active == engine.num_waiting == 0 and len(engine._free_rows) == engine.max_batch_size
+
+
+def test_a_failed_submit_cancels_the_samples_already_queued(server, monkeypatch):
+    engine = server.engine
+    before = engine.stats["generated_tokens"]
+    real_submit, calls = engine.submit, []
+
+    def submit_failing_the_second(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise ValueError("injected: sample 1 refused")
+        return real_submit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "submit", submit_failing_the_second)
+    response = httpx.post(f"{server.base_url}/chat/completions", timeout=60, json={
+        "model": "m", "messages": [{"role": "user", "content": GREETING}], "n": 2, "max_tokens": 1500,
+        "ignore_eos": True})
+    assert response.status_code == 400 and "injected" in response.json()["error"]["message"]
+    _wait_until_idle(engine)  # sample 0 was queued before sample 1 failed: it is cancelled, not run for nobody
+    assert engine.stats["generated_tokens"] - before < 100
+
+
+def test_a_disconnected_non_streaming_request_frees_its_row(server):
+    engine = server.engine
+    before = engine.stats["generated_tokens"]
+    body = {"model": "m", "messages": [{"role": "user", "content": GREETING}], "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and hangs up mid-answer
+        httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=0.25)
+    _wait_until_idle(engine)
+    print("tokens generated before the cancel:", engine.stats["generated_tokens"] - before)
+    assert engine.stats["generated_tokens"] - before < 2000
+
+
 def test_openk2_serve_cli(checkpoint):
     port = free_port()
     process = subprocess.Popen(
@@ -389,6 +440,26 @@ def test_openk2_chat_and_sample_clis(checkpoint, monkeypatch, capsys, tmp_path):
 
     assert main_sample([str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no such checkpoint or run directory" in capsys.readouterr().err
+
+
+def test_openk2_chat_survives_a_generation_failure(checkpoint, monkeypatch, capsys):
+    from openk2.engine import main_chat
+
+    real_forward, calls = K2ForCausalLM.forward, []
+
+    def forward_failing_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected device fault")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(K2ForCausalLM, "forward", forward_failing_once)
+    lines = iter([GREETING, GREETING, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main_chat([str(checkpoint), "--dtype", "float32", "--temperature", "0", "--max-seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "(error: generation failed: RuntimeError: injected device fault; /reset to start over)" in out
+    assert out.count(f"k2> {GREETING_REPLY}") == 1  # the failed turn was dropped, the next one answered
 
 
 def test_a_disconnected_stream_frees_its_row(server):
