@@ -156,7 +156,7 @@ class K2Config:
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' (SwiGLU) is implemented")
         if self.num_key_value_heads != self.num_attention_heads:
-            fail("num_key_value_heads", f"MLA has one latent per token; must equal num_attention_heads")
+            fail("num_key_value_heads", "MLA has one latent per token; must equal num_attention_heads")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "rotary dims come in pairs; must be even")
         if self.rms_norm_eps <= 0:

@@ -21,6 +21,7 @@ Two attention paths:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -532,12 +533,27 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+_router_load_paused = False  # see `router_load_paused`
+
+
+@contextlib.contextmanager
+def router_load_paused():
+    """Routers add nothing to their `load` inside. For activation checkpointing (`openk2.train`): the recompute in
+    backward runs a block's forward again, in training mode, on tokens its forward already counted."""
+    global _router_load_paused
+    previous, _router_load_paused = _router_load_paused, True
+    try:
+        yield
+    finally:
+        _router_load_paused = previous
+
+
 class Router(nn.Module):
     """Top-k router (DeepSeek-V3 `noaux_tc`): fp32 scores; `e_score_correction_bias` shifts *selection* only;
     group-limited top-k when n_group > 1; weights from the unbiased scores, optionally normalized, then scaled.
 
     While training it counts tokens per expert in `load` (fp32 [E], non-persistent) for the aux-loss-free
-    bias update (`K2ForCausalLM.update_router_bias`) and telemetry."""
+    bias update (`K2ForCausalLM.update_router_bias`) and telemetry; not under `router_load_paused()`."""
 
     def __init__(self, cfg: K2Config):
         super().__init__()
@@ -581,10 +597,25 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.routed_scaling_factor
-        if self.training:
+        if self.training and not _router_load_paused:
             with torch.no_grad():
                 self.load += torch.bincount(topk_idx.flatten(), minlength=self.num_experts).to(self.load.dtype)
         return topk_idx, topk_weight, scores
+
+
+def use_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the routed-expert matmuls run as one `torch._grouped_mm` (else a fallback: RoutedExperts' padded
+    batched matmul, expert parallelism's loop over its local experts). One rule for both, so a model runs with and
+    without expert parallelism wherever it runs at all.
+
+    Eager, wherever the op exists (CPU in any dtype; CUDA in any dtype, bf16 the fast kernel). Under torch.compile
+    its shape rules accept bf16 only (the CUDA kernel's dtype), and compiled CPU graphs take the fallback in
+    every dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.compiler.is_compiling():
+        return device_type != "cpu" and dtype == torch.bfloat16
+    return True
 
 
 class RoutedExperts(nn.Module):
@@ -592,8 +623,8 @@ class RoutedExperts(nn.Module):
 
     forward(x [N, H], topk_idx [N, k], topk_weight [N, k]) -> [N, H] = sum_j w_j * Expert_{idx_j}(x).
     The N*k assignments are laid out in a buffer where each expert owns one contiguous group of rows (one gather
-    of x), `torch._grouped_mm` runs all groups at once (or, where it is missing or under torch.compile on CPU, a
-    batched matmul over groups padded to a common capacity), and the weighted results are index-added back to
+    of x), `torch._grouped_mm` runs all groups at once (or, where `use_grouped_mm` says it cannot, a batched
+    matmul over groups padded to a common capacity), and the weighted results are index-added back to
     their tokens. Decode-sized batches (N * k <= E) take the selected experts' weights directly instead.
     Under autocast the experts compute in the autocast dtype (bf16), like every other matmul.
     Expert parallelism replaces this module wholesale (same forward signature)."""
@@ -622,10 +653,7 @@ class RoutedExperts(nn.Module):
         weights = [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]  # no-op unless autocast
         dispatch = self.dispatch
         if dispatch == "auto":
-            # torch.compile's shape rules for _grouped_mm accept bf16 only (the CUDA kernel's dtype); eager CPU runs it
-            # in any dtype. Compiled CPU graphs take the padded bmm.
-            compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
-            dispatch = "grouped_mm" if hasattr(torch, "_grouped_mm") and not compiled_cpu else "padded_bmm"
+            dispatch = "grouped_mm" if use_grouped_mm(x.device.type, dtype) else "padded_bmm"
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         if dispatch == "padded_bmm":
             capacity = -(-int(counts.max()) // self.capacity_multiple) * self.capacity_multiple

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from openk2.model import use_grouped_mm
+
 __all__ = [
     "DistContext",
     "init_distributed",
@@ -50,6 +52,8 @@ __all__ = [
     "save_distributed",
     "load_distributed",
     "is_distributed_checkpoint",
+    "restore_interrupted_save",
+    "publish_checkpoint_dir",
     "consolidate",
     "main_consolidate",
 ]
@@ -350,8 +354,9 @@ class ExpertParallelExperts(nn.Module):
         Every local expert takes part even with zero rows, so its weights get a zero gradient (not None) and
         FSDP's gradient reduction is the same on every rank."""
         gate_w, up_w, down_w = (_local(getattr(self, n)).to(dtype) for n in _EXPERT_STACKS)
-        # One kernel for all local experts (as the model's RoutedExperts); CUDA's grouped GEMM wants bf16.
-        if hasattr(torch, "_grouped_mm") and (rows.device.type == "cpu" or dtype == torch.bfloat16):
+        # One kernel for all local experts where the model's RoutedExperts uses one too (not, e.g., under
+        # torch.compile in fp32, whose shape rules for _grouped_mm accept bf16 only).
+        if use_grouped_mm(rows.device.type, dtype):
             offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
             gate = torch._grouped_mm(rows, gate_w.transpose(-2, -1), offs=offsets)
             up = torch._grouped_mm(rows, up_w.transpose(-2, -1), offs=offsets)
@@ -393,7 +398,11 @@ class ExpertParallelExperts(nn.Module):
         expert_out = torch.empty_like(expert_out).index_copy(0, by_expert, expert_out)
 
         combined = all_to_all_autograd(expert_out, send_splits, recv_splits, self.ep_group)
-        # Weighted sum over each token's k experts, accumulated in fp32 (RoutedExperts: a bmm, fp32 accumulation).
+        # Weighted sum over each token's k experts, accumulated in fp32. The model's RoutedExperts weights and
+        # index-adds in its compute dtype instead (bf16 under autocast: each weighted row and each add rounded to
+        # bf16); that is the model's own numerics, left alone here. So the two paths agree to summation order in
+        # fp32 but only to a few bf16 roundings under bf16 autocast, which the 2e-2 bf16 tolerance of the EP checks
+        # (tests/dist/collectives_check.py, judged in tests/test_parallel.py) allows for.
         weights = topk_weight.reshape(-1)[order].unsqueeze(1).float()
         out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
         out.index_add_(0, token_of_pair, combined.float() * weights)
@@ -627,6 +636,41 @@ def is_distributed_checkpoint(path) -> bool:
     return (Path(path) / _META_FILE).is_file() and (Path(path) / _DCP_SUBDIR).is_dir()
 
 
+def _aside(path: Path) -> Path:
+    return path.with_name(f".old-{path.name}")
+
+
+def restore_interrupted_save(path) -> bool:
+    """A save that replaces the checkpoint at `path` renames it to `.old-<name>`, then the new one to `path`: a crash
+    between the two renames leaves no `path` and the previous checkpoint aside. Rename it back (the new one in
+    `.tmp-<name>` is dropped like any interrupted save). Returns True if this call restored it; safe to call from
+    every rank at once (one rename wins)."""
+    path = Path(path)
+    old = _aside(path)
+    if path.exists() or not old.is_dir():
+        return False
+    try:
+        old.rename(path)
+    except OSError:  # another rank restored it first
+        return False
+    return True
+
+
+def publish_checkpoint_dir(tmp, path) -> None:
+    """Rename the complete checkpoint directory `tmp` to `path`. One already at `path` is renamed aside first and
+    deleted last, so a crash at any moment leaves `path` complete, or missing with the previous checkpoint aside
+    for `restore_interrupted_save` (which this calls first, so an earlier such crash loses nothing either)."""
+    tmp, path = Path(tmp), Path(path)
+    old = _aside(path)
+    restore_interrupted_save(path)
+    if old.exists():
+        shutil.rmtree(old)  # left by a crash after the new checkpoint was in place
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     if optimizer is None:
         return []
@@ -732,7 +776,9 @@ def _barrier() -> None:
 def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None = None) -> Path:
     """Write a DCP checkpoint at `path`, atomically: every rank writes into the hidden sibling `.tmp-<name>`, rank 0
     renames it to `path` after a barrier. A crash mid-save leaves only that temporary directory (which the next
-    save, or a trainer resume, removes); a previous checkpoint at `path` is replaced only once the new one is whole.
+    save, or a trainer resume, removes); a previous checkpoint at `path` is replaced only once the new one is whole
+    (`publish_checkpoint_dir`; a crash in the middle of that leaves it in `.old-<name>`, which
+    `restore_interrupted_save`, `load_distributed`, the next save and a trainer resume rename back).
 
     Saved: the model and optimizer state (DTensor shards, expert stacks in their global shape, so any world size
     / EP degree can resume), the model config (for `consolidate`), and `extra_state` per rank (`extra_rank{r}.pt`;
@@ -743,7 +789,7 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
     path = Path(path)
     # Hidden names, like the single-process trainer's `.tmp-step_N`: a `step_*` listing never mistakes them for
     # checkpoints.
-    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    tmp = path.with_name(f".tmp-{path.name}")
     rank, world = _rank_world()
     if rank == 0:
         if tmp.exists():
@@ -768,13 +814,7 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
         ep = next((m.ep_size for m in model.modules() if isinstance(m, ExpertParallelExperts)), 1)
         meta = {"format": "openk2-dcp-1", "world_size": world, "ep": ep, "has_optimizer": bool(optim_sd)}
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
+        publish_checkpoint_dir(tmp, path)
     _barrier()
     return path
 
@@ -786,6 +826,7 @@ def load_distributed(path, model: nn.Module, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import set_state_dict, set_model_state_dict
 
     path = Path(path)
+    restore_interrupted_save(path)
     meta_file = path / _META_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"load_distributed: {meta_file} missing; {path} is not a complete openk2 DCP checkpoint")

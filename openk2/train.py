@@ -17,6 +17,7 @@ Run directory layout:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -191,6 +192,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not (ckpt / TRAINER_STATE).exists() and not is_distributed_checkpoint(ckpt):
         raise FileNotFoundError(f"{pointer} names {ckpt.name}, but {ckpt / TRAINER_STATE} is missing")
     return ckpt
+
+
+def _recover_checkpoints(root: Path) -> None:
+    """Before a resume: delete checkpoints interrupted mid-write (`.tmp-step_N`), and put back a checkpoint that a
+    save replacing it moved aside (`.old-step_N`) when the crash came before the new one took its place. Every rank
+    of a torchrun job may run this at once."""
+    from openk2.parallel import restore_interrupted_save
+
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob(".old-*"):
+        if not restore_interrupted_save(root / aside.name.removeprefix(".old-")):
+            shutil.rmtree(aside, ignore_errors=True)  # the new checkpoint is in place (or another rank restored)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -439,9 +453,9 @@ class Trainer:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:06d}"
         final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-        if self.distributed:
-            from openk2.parallel import save_distributed
+        from openk2.parallel import publish_checkpoint_dir, save_distributed
 
+        if self.distributed:
             save_distributed(final, self.model, self.optimizer, self.trainer_state_without_optimizer())
         elif self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -452,8 +466,7 @@ class Trainer:
                 self.tokenizer.save(tmp)
             torch.save(self.trainer_state(), tmp / TRAINER_STATE)
             (tmp / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            publish_checkpoint_dir(tmp, final)  # as save_distributed: an existing step_N is replaced only when whole
         if self.is_main:
             _atomic_write_text(ckpt_root / LATEST, name)
             self._prune_checkpoints(ckpt_root)
@@ -496,8 +509,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
         if cfg.resume:
-            for stale in (self.run_dir / CHECKPOINTS).glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a checkpoint interrupted mid-write
+            _recover_checkpoints(self.run_dir / CHECKPOINTS)
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is not None:
                 self.load_checkpoint(ckpt)
@@ -545,12 +557,30 @@ class Trainer:
 
 
 def _checkpoint_blocks(model: torch.nn.Module) -> None:
-    """Recompute each decoder block in backward (activation checkpointing) without renaming parameters."""
+    """Recompute each decoder block in backward (activation checkpointing) without renaming parameters. The
+    recompute routes the same tokens again: it must not add them to the routers' load a second time."""
     from torch.utils.checkpoint import checkpoint
 
     for block in [*model.model.layers, *getattr(model, "mtp", [])]:
         inner = block.forward
-        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False,
+                                                            context_fn=_recompute_without_router_load, **k)
+
+
+def _recompute_without_router_load():
+    """checkpoint's context_fn: (context of the forward, context of the recompute in backward).
+
+    Eager, the recompute runs the block's Python again, routers included: `router_load_paused` keeps it from
+    counting the tokens a second time. A block that torch.compile traces whole replays no Python in backward (nor
+    the load's in-place add, a graph mutation applied once), and there only dispatch modes are accepted: the
+    recompute-everything policy torch.compile applies when no context_fn is given."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    from openk2.model import router_load_paused
+
+    if torch.compiler.is_compiling():
+        return create_selective_checkpoint_contexts(lambda *_, **__: CheckpointPolicy.PREFER_RECOMPUTE)
+    return contextlib.nullcontext(), router_load_paused()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -401,6 +401,36 @@ def test_launcher_retries_a_signal_death_once_and_never_a_python_error(tmp_path)
     assert proc.returncode == 1 and "a real bug" in proc.stderr and (tmp_path / "raise").read_text() == "1"
 
 
+def test_expert_parallel_module_compiles_in_fp32(one_thread):
+    """torch.compile's shape rules for torch._grouped_mm accept bf16 only: a compiled fp32 run must take the EP
+    module's fallback, as RoutedExperts takes its own (one rule, `openk2.model.use_grouped_mm`). One process, a 1-rank
+    EP group; output and gradients against RoutedExperts."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from openk2.model import RoutedExperts
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        reference = RoutedExperts(4, 16, 8)
+        for p in reference.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        experts = parallel.ExpertParallelExperts(reference, init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))["ep"])
+        x = torch.randn(12, 16, requires_grad=True)
+        topk_idx = torch.stack([torch.randperm(4)[:2] for _ in range(12)])
+        topk_weight = torch.rand(12, 2)
+        out = torch.compile(experts, backend="aot_eager")(x, topk_idx, topk_weight)
+        (x_grad,) = torch.autograd.grad(out.square().sum(), [x])
+        expected = reference(x, topk_idx, topk_weight)
+        (expected_x_grad,) = torch.autograd.grad(expected.square().sum(), [x])
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x_grad, expected_x_grad, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
 def test_load_rejects_an_incomplete_checkpoint(tmp_path):
     (tmp_path / "half" / "dcp").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="openk2_dist.json missing"):
@@ -487,3 +517,32 @@ def test_saving_before_the_first_step_changes_nothing(tmp_path, one_thread):
     for name, expected in never_saved.items():
         torch.testing.assert_close(saved[name], expected, rtol=0, atol=0, msg=f"saving changed {name}")
         torch.testing.assert_close(resumed[name], expected, rtol=0, atol=0, msg=f"resume differs in {name}")
+
+
+def test_a_save_cut_between_its_renames_loses_no_checkpoint(tmp_path):
+    """Replacing a checkpoint renames it to `.old-<name>`, then the new one from `.tmp-<name>`: a crash between the
+    two leaves no `<name>`. Loading it, or saving it again, first renames the old one back."""
+    import warnings
+
+    path, aside, tmp = tmp_path / "ckpt", tmp_path / ".old-ckpt", tmp_path / ".tmp-ckpt"
+
+    def crash_between_renames():
+        path.rename(aside)
+        tmp.mkdir(exist_ok=True)  # the new checkpoint, complete or not: dropped
+        (tmp / "openk2_dist.json").write_text("{}")
+
+    torch.manual_seed(0)
+    saved = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: "assuming the intent is to save in a single process"
+        parallel.save_distributed(path, saved, None, {"step": 7})
+        crash_between_renames()
+        loaded = torch.nn.Linear(3, 2)
+        assert parallel.load_distributed(path, loaded, None) == {"step": 7}
+        assert torch.equal(loaded.weight, saved.weight) and not aside.exists()
+        crash_between_renames()
+        assert parallel.restore_interrupted_save(path) and not parallel.restore_interrupted_save(path)
+        crash_between_renames()
+        parallel.save_distributed(path, loaded, None, {"step": 8})
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+        assert parallel.load_distributed(path, torch.nn.Linear(3, 2), None) == {"step": 8}

@@ -259,12 +259,12 @@ def test_partition_min_max_matches_brute_force():
         def stage_time(i, j):  # a sum plus an exposed-communication-like max: grows with every layer
             return sum(compute[i:j]) + 0.3 * max(compute[i:j])
 
-        def stage_memory(i, j, s):  # weights + activations in flight, many more on early stages
+        def memory_of(i, j, s):  # weights + activations in flight, many more on early stages
             return sum(weights[i:j]) + (stages - s) ** 2 * sum(acts[i:j])
 
         for capacity in (math.inf, rng.uniform(3, 20)):
-            runs = partition_min_max(n, stages, stage_time, stage_memory, capacity)
-            expected = _brute_force(n, stages, stage_time, stage_memory, capacity)
+            runs = partition_min_max(n, stages, stage_time, memory_of, capacity)
+            expected = _brute_force(n, stages, stage_time, memory_of, capacity)
             if expected is None:
                 assert runs is None
                 continue
@@ -272,7 +272,7 @@ def test_partition_min_max_matches_brute_force():
             assert all(runs)
             spans = [(run[0], run[-1] + 1) for run in runs]
             assert max(stage_time(i, j) for i, j in spans) == expected[0]  # the optimum, exactly
-            assert max(stage_memory(i, j, s) for s, (i, j) in enumerate(spans)) == pytest.approx(expected[1], rel=1e-5)
+            assert max(memory_of(i, j, s) for s, (i, j) in enumerate(spans)) == pytest.approx(expected[1], rel=1e-5)
             checked += 1
     assert checked > 600
     # hand case: one heavy last layer (an lm_head) gets a stage of its own; the memory tie-break (here: the

