@@ -800,7 +800,8 @@ def fp32_buffers(model: nn.Module) -> None:
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None, *, mtp: bool = True) -> nn.Module:
-    """Load an HF-layout checkpoint (or a run directory's latest checkpoint) into a new K2ForCausalLM.
+    """Load an HF-layout checkpoint (or a run directory's latest checkpoint) into a new K2ForCausalLM. A
+    distributed (DCP) checkpoint written under torchrun loads too, in this one process.
 
     `dtype`: the model's floating dtype (default: config.json's torch_dtype / dtype, else float32; block-FP8
     weights are dequantized into it). The router's e_score_correction_bias stays fp32. The model is built on
@@ -820,6 +821,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{config_path}: {exc}") from exc
     dtype = dtype or _config_dtype(config_dict)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    from openk2.parallel import is_distributed_checkpoint, load_distributed_weights
+
+    if is_distributed_checkpoint(directory):  # written under torchrun: read its DCP shards in this one process
+        model = _build_empty_model(config.replace(num_nextn_predict_layers=0) if not mtp else config, dtype, device)
+        load_distributed_weights(model, directory)
+        return model.eval()
     infos = read_checkpoint_headers(directory)  # fail on unreadable files before allocating the model
     declared_mtp = _mtp_layers(config_dict)
     if len(declared_mtp) and not any(_layer_index(name) in declared_mtp for name in infos):

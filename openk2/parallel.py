@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -773,7 +774,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None = None) -> Path:
+def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None = None, tokenizer=None) -> Path:
     """Write a DCP checkpoint at `path`, atomically: every rank writes into the hidden sibling `.tmp-<name>`, rank 0
     renames it to `path` after a barrier. A crash mid-save leaves only that temporary directory (which the next
     save, or a trainer resume, removes); a previous checkpoint at `path` is replaced only once the new one is whole
@@ -781,8 +782,9 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
     `restore_interrupted_save`, `load_distributed`, the next save and a trainer resume rename back).
 
     Saved: the model and optimizer state (DTensor shards, expert stacks in their global shape, so any world size
-    / EP degree can resume), the model config (for `consolidate`), and `extra_state` per rank (`extra_rank{r}.pt`;
-    rank-local things like a data loader position belong there).
+    / EP degree can resume), the model config (for `consolidate`), `extra_state` per rank (`extra_rank{r}.pt`;
+    rank-local things like a data loader position belong there) and `tokenizer` if given (so the checkpoint
+    serves, fine-tunes and consolidates on its own, like a single-process one).
     """
     import torch.distributed.checkpoint as dcp
 
@@ -813,6 +815,8 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
             (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         ep = next((m.ep_size for m in model.modules() if isinstance(m, ExpertParallelExperts)), 1)
         meta = {"format": "openk2-dcp-1", "world_size": world, "ep": ep, "has_optimizer": bool(optim_sd)}
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
         publish_checkpoint_dir(tmp, path)
     _barrier()
@@ -857,25 +861,37 @@ def load_distributed(path, model: nn.Module, optimizer) -> dict:
     return torch.load(extra_file, weights_only=False) if extra_file.is_file() else {}
 
 
-def consolidate(dcp_dir, hf_out_dir, **save_kwargs) -> Path:
-    """One process: read a DCP checkpoint (any world size / EP) into a plain model and write the single
-    HF-layout checkpoint with `openk2.checkpoint.save_pretrained` (extra kwargs go to it)."""
+def load_distributed_weights(model: nn.Module, dcp_dir) -> None:
+    """One process, no process group: load the model weights of a DCP checkpoint (any world size / EP) into a
+    plain, unsharded model, in place, cast to the model's dtypes. Tensors the model lacks (e.g. MTP modules of a
+    model built without them) are not read."""
     import torch.distributed.checkpoint as dcp
 
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(Path(dcp_dir) / _DCP_SUBDIR), no_dist=True)
+    model.load_state_dict(state["model"])
+
+
+def consolidate(dcp_dir, hf_out_dir, **save_kwargs) -> Path:
+    """One process: read a DCP checkpoint (any world size / EP) into a plain model and write the single
+    HF-layout checkpoint with `openk2.checkpoint.save_pretrained` (extra kwargs go to it), with the checkpoint's
+    tokenizer when it holds one."""
     from openk2.checkpoint import save_pretrained
     from openk2.config import K2Config
     from openk2.model import K2ForCausalLM
+    from openk2.tokenizer import K2Tokenizer, TOKENIZER_CONFIG_JSON
 
     dcp_dir = Path(dcp_dir)
     config_file = dcp_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"consolidate: {config_file} missing; was {dcp_dir} written by save_distributed?")
-    config = K2Config.from_dict(json.loads(config_file.read_text()))
-    model = K2ForCausalLM(config)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(dcp_dir / _DCP_SUBDIR), no_dist=True)
-    model.load_state_dict(state["model"])
+    model = K2ForCausalLM(K2Config.from_dict(json.loads(config_file.read_text())))
+    load_distributed_weights(model, dcp_dir)
     save_pretrained(model, hf_out_dir, **save_kwargs)
+    if (dcp_dir / TOKENIZER_CONFIG_JSON).is_file():
+        K2Tokenizer.load(dcp_dir).save(hf_out_dir)
     return Path(hf_out_dir)
 
 

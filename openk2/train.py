@@ -456,7 +456,8 @@ class Trainer:
         from openk2.parallel import publish_checkpoint_dir, save_distributed
 
         if self.distributed:
-            save_distributed(final, self.model, self.optimizer, self.trainer_state_without_optimizer())
+            save_distributed(final, self.model, self.optimizer, self.trainer_state_without_optimizer(),
+                             tokenizer=self.tokenizer)
         elif self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             from openk2.checkpoint import save_pretrained

@@ -231,7 +231,21 @@ def test_real_training_loop_ep2_matches_one_process(tmp_path):
     assert _rel(loss_a[:1], loss_b[:1]).max() < FIRST_STEP_RTOL
     assert _rel([a[0]["grad_norm"]], [b[0]["grad_norm"]]).max() < FIRST_STEP_RTOL
     assert _rel(loss_a, loss_b).max() < CURVE_RTOL
-    assert parallel.is_distributed_checkpoint(tmp_path / "ep2" / "checkpoints" / "step_000012")
+    ckpt = tmp_path / "ep2" / "checkpoints" / "step_000012"
+    assert parallel.is_distributed_checkpoint(ckpt)
+    # the torchrun checkpoint stands on its own: it holds the tokenizer, loads in one process (serve, sample, SFT
+    # take a run dir), and consolidates to an HF checkpoint with the same weights and the tokenizer
+    from openk2.checkpoint import load_pretrained
+    from openk2.tokenizer import K2Tokenizer
+
+    text = "def main(argv=None):\n    return 0\n"
+    assert K2Tokenizer.load(ckpt).encode(text) == K2Tokenizer.load(tmp_path / "w1" / "tokenizer").encode(text)
+    direct = load_pretrained(tmp_path / "ep2").state_dict()
+    hf = parallel.consolidate(ckpt, tmp_path / "hf")
+    assert K2Tokenizer.load(hf).encode(text) == K2Tokenizer.load(ckpt).encode(text)
+    via_hf = load_pretrained(hf).state_dict()
+    assert direct.keys() == via_hf.keys()
+    assert all(torch.equal(direct[k].float(), via_hf[k].float()) for k in direct)
 
 
 ACCUM_STEPS, GRAD_ACCUM, VAL_RTOL = 3, 2, 1e-6
