@@ -12,6 +12,7 @@ No BOS/EOS is added. Call ids: see `render_chat` and docs/chat_format.md.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass, field
@@ -32,9 +33,13 @@ DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 ROLE_START = {"system": IM_SYSTEM, "user": IM_USER, "assistant": IM_ASSISTANT, "tool": IM_SYSTEM}
 GENERATION_PROMPT = f"{IM_ASSISTANT}assistant{IM_MIDDLE}"
 
-# The official parse regex (K2 tool_call_guidance.md), DOTALL.
+# The official parse regex (K2 tool_call_guidance.md), DOTALL, without its `\s*` around the arguments: with them,
+# an unclosed call followed by a long whitespace run backtracks in cubic time (4000 newlines: 18 s). The args are
+# `.strip()`ped in Python instead, which gives the same matches and arguments (`\s` and str.isspace agree).
+# Matches are searched only up to the last <|tool_call_end|> (`_match_end`): past it every attempt fails after
+# scanning to the end of the text, quadratic in the number of unclosed calls.
 TOOL_CALL_RE = re.compile(
-    r"<\|tool_call_begin\|>\s*(?P<id>[\w\.]+:\d+)\s*<\|tool_call_argument_begin\|>\s*(?P<args>.*?)\s*<\|tool_call_end\|>",
+    r"<\|tool_call_begin\|>\s*(?P<id>[\w\.]+:\d+)\s*<\|tool_call_argument_begin\|>(?P<args>.*?)<\|tool_call_end\|>",
     re.DOTALL,
 )
 CANONICAL_CALL_ID_RE = re.compile(r"functions\.(?P<name>[^.:\s]+):(?P<idx>\d+)")
@@ -305,7 +310,8 @@ class ParsedOutput:
 
 
 def _check_call(call_id: str, args_text: str, raw: str, tools: set[str] | None) -> tuple[str, ToolCallError | None]:
-    """Validate one regex match: name from the id (official: id.split('.')[1].split(':')[0]) and JSON args."""
+    """Validate one regex match: name from the id (official: id.split('.')[1].split(':')[0]) and JSON args
+    (`args_text` already stripped, see TOOL_CALL_RE)."""
     if not call_id.startswith("functions.") or call_id.count(".") < 1:
         return "", ToolCallError("bad_id", f"tool call id {call_id!r} is not 'functions.NAME:IDX'", raw, call_id)
     name = call_id.split(".")[1].split(":")[0]
@@ -332,43 +338,66 @@ def _tool_names(tools: Iterable[dict] | Iterable[str] | None) -> set[str] | None
 
 
 class _CallCollector:
-    """Turns regex matches and unmatched section text into ToolCalls and errors (shared by both parsers)."""
+    """Turns regex matches and unmatched section text into ToolCalls and errors (shared by both parsers).
+    `masked`: the parser runs on `_mask_ordinary_markers` text; everything handed out is `restore`d."""
 
-    def __init__(self, tools: set[str] | None):
+    def __init__(self, tools: set[str] | None, masked: bool = False):
         self.tools = tools
+        self.restore = _unmask if masked else str
         self.calls: list[ToolCall] = []
         self.errors: list[ToolCallError] = []
 
     def gap(self, text: str) -> ToolCallError | None:
         if not text.strip():
             return None
+        text = self.restore(text)
         err = ToolCallError("unparsed_text", "text inside the tool-call section is not a well-formed tool call", text)
         self.errors.append(err)
         return err
 
     def match(self, m: re.Match) -> ToolCall | ToolCallError:
-        name, err = _check_call(m["id"], m["args"], m.group(0), self.tools)
+        args = self.restore(m["args"].strip())  # the official regex's `\s*` around the args (see TOOL_CALL_RE)
+        name, err = _check_call(m["id"], args, self.restore(m.group(0)), self.tools)
         if err is not None:
             self.errors.append(err)
             return err
-        call = ToolCall(m["id"], name, m["args"], len(self.calls))
+        call = ToolCall(m["id"], name, args, len(self.calls))
         self.calls.append(call)
         return call
 
     def unclosed(self, tail: str) -> ToolCallError:
+        tail = self.restore(tail)
         err = ToolCallError("unclosed_section", f"{TOOL_CALLS_SECTION_BEGIN} without {TOOL_CALLS_SECTION_END}", tail)
         self.errors.append(err)
         return err
 
 
-def parse_assistant_output(text: str, tools: Iterable[dict] | Iterable[str] | None = None) -> ParsedOutput:
+def _match_end(section: str, start: int = 0) -> int:
+    """End of the last <|tool_call_end|> in `section` (searched from `start`), 0 if none: no match reaches past it."""
+    last = section.rfind(TOOL_CALL_END, start)
+    return 0 if last < 0 else last + len(TOOL_CALL_END)
+
+
+def parse_assistant_output(
+    text: str,
+    tools: Iterable[dict] | Iterable[str] | None = None,
+    *,
+    special_starts: Iterable[int] | None = None,
+) -> ParsedOutput:
     """Split a finished assistant output into content and tool calls. Never raises on model output.
 
     Text outside tool-call sections is content (a stray marker there stays text). Inside a section, calls are
     found with the official regex; anything else there, bad ids, bad JSON, unknown functions (when `tools`
     is given) and a section that never closes become `errors` with the raw text.
+
+    `special_starts`: the offsets in `text` where a special token's text begins (`SpecialTokenOffsets`, or use
+    `parse_generated`). When given, only those count as markers: marker text spelled by ordinary tokens is
+    content / argument text like any other. Without it, every marker text counts (text-only, like vLLM).
     """
-    collector = _CallCollector(_tool_names(tools))
+    masked = special_starts is not None
+    if masked:
+        text = _mask_ordinary_markers(text, special_starts)
+    collector = _CallCollector(_tool_names(tools), masked)
     content: list[str] = []
     pos = 0
     while True:
@@ -381,7 +410,7 @@ def parse_assistant_output(text: str, tools: Iterable[dict] | Iterable[str] | No
         end = text.find(TOOL_CALLS_SECTION_END, start)
         section = text[start:] if end < 0 else text[start:end]
         cursor = 0
-        for m in TOOL_CALL_RE.finditer(section):
+        for m in TOOL_CALL_RE.finditer(section, 0, _match_end(section)):
             collector.gap(section[cursor : m.start()])
             collector.match(m)
             cursor = m.end()
@@ -390,7 +419,74 @@ def parse_assistant_output(text: str, tools: Iterable[dict] | Iterable[str] | No
             break
         collector.gap(section[cursor:])
         pos = end + len(TOOL_CALLS_SECTION_END)
-    return ParsedOutput("".join(content), collector.calls, collector.errors)
+    return ParsedOutput(collector.restore("".join(content)), collector.calls, collector.errors)
+
+
+def parse_generated(
+    tokenizer,
+    token_ids: Iterable[int],
+    text: str,
+    tools: Iterable[dict] | Iterable[str] | None = None,
+    *,
+    prefix: str = "",
+) -> ParsedOutput:
+    """`parse_assistant_output(prefix + text)` in which only special tokens are markers.
+
+    `text` is the engine's decoding of the generated `token_ids` (`Completion.text`: the decode of the ids, maybe
+    cut at a stop string, without a final stop token's text); `prefix` is text the caller put before it whose
+    every ``<`` starts a special token (the server's forced call start).
+    """
+    offsets = SpecialTokenOffsets(tokenizer)
+    offsets.push(token_ids)
+    starts = [i for i, ch in enumerate(prefix) if ch == "<"] + [len(prefix) + s for s in offsets.between(0, len(text))]
+    return parse_assistant_output(prefix + text, tools, special_starts=starts)
+
+
+# Only special tokens are markers. Decoded text does not say which characters came from a special token, so callers
+# pass `special_starts` and every other "<" is replaced by a lone surrogate before the marker search: same length,
+# and like "<" it is not \w, not \s and not JSON outside a string, so matches, ids and JSON errors are unchanged.
+# UTF-8 decoding never produces a surrogate, so `_unmask` restores exactly the decoded text.
+_MASKED_LT = "\ud800"
+
+
+def _mask_ordinary_markers(text: str, special_starts: Iterable[int]) -> str:
+    if _MASKED_LT in text:
+        raise ValueError("special_starts needs decoded model output; this text holds a lone surrogate U+D800")
+    masked = text.replace("<", _MASKED_LT)
+    pieces, done = [], 0
+    for start in sorted(set(special_starts)):
+        if done <= start < len(text) and text[start] == "<":
+            pieces += [masked[done:start], "<"]
+            done = start + 1
+    pieces.append(masked[done:])
+    return "".join(pieces)
+
+
+def _unmask(text: str) -> str:
+    return text.replace(_MASKED_LT, "<")
+
+
+class SpecialTokenOffsets:
+    """Where special tokens begin in the text of generated ids decoded as the engine decodes them
+    (`tokenizer.incremental_decoder()`, specials kept): `push` the ids in order, then ask `between(start, end)`."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._decoder = tokenizer.incremental_decoder()
+        self._length = 0  # characters decoded so far
+        self._starts: list[int] = []
+
+    def push(self, token_ids: Iterable[int]) -> None:
+        for token in token_ids:
+            token = int(token)
+            self._length += len(self._decoder.push(token))
+            if self._tokenizer.is_special(token):  # its text (ASCII) ends the decoder's output for it
+                self._starts.append(self._length - len(self._tokenizer.id_to_token(token)))
+
+    def between(self, start: int, end: int) -> list[int]:
+        """Offsets, relative to `start`, of the special tokens that begin in text[start:end]."""
+        lo, hi = bisect.bisect_left(self._starts, start), bisect.bisect_left(self._starts, end)
+        return [s - start for s in self._starts[lo:hi]]
 
 
 @dataclass
@@ -416,13 +512,18 @@ class StreamingToolCallParser:
     Content is released as soon as it cannot be the start of ``<|tool_calls_section_begin|>``; a tool call is
     released when its ``<|tool_call_end|>`` arrives. After `finish()`, the concatenated content, the calls and the
     errors equal `parse_assistant_output(whole_text)`.
+
+    `special_tokens_only=True`: each `feed` names the offsets in its delta where a special token begins, and only
+    those are markers (`parse_assistant_output(..., special_starts=...)`, streamed).
     """
 
-    def __init__(self, tools: Iterable[dict] | Iterable[str] | None = None):
-        self._collector = _CallCollector(_tool_names(tools))
+    def __init__(self, tools: Iterable[dict] | Iterable[str] | None = None, *, special_tokens_only: bool = False):
+        self._masked = special_tokens_only
+        self._collector = _CallCollector(_tool_names(tools), special_tokens_only)
         self._buffer = ""  # unreleased text of the current state
         self._in_section = False
         self._cursor = 0  # in a section: end of the last regex match in _buffer
+        self._searched = 0  # in a section: the regex has tried every start before this (see `feed`)
         self._scanned = 0  # in a section: length of _buffer already searched for markers
         self._finished = False
 
@@ -434,9 +535,14 @@ class StreamingToolCallParser:
     def errors(self) -> list[ToolCallError]:
         return self._collector.errors
 
-    def feed(self, delta: str) -> list[StreamEvent]:
+    def feed(self, delta: str, special_starts: Iterable[int] = ()) -> list[StreamEvent]:
+        """`special_starts` (with special_tokens_only): offsets in `delta` where a special token's text begins."""
         if self._finished:
             raise RuntimeError("StreamingToolCallParser.feed after finish()")
+        if self._masked:
+            delta = _mask_ordinary_markers(delta, special_starts)
+        elif special_starts:
+            raise ValueError("special_starts needs StreamingToolCallParser(special_tokens_only=True)")
         self._scanned = len(self._buffer)
         self._buffer += delta
         events: list[StreamEvent] = []
@@ -450,16 +556,20 @@ class StreamingToolCallParser:
                     return events
                 self._emit_content(self._buffer[:begin], events)
                 self._buffer = self._buffer[begin + len(TOOL_CALLS_SECTION_BEGIN) :]
-                self._in_section, self._cursor, self._scanned = True, 0, 0
+                self._in_section, self._cursor, self._scanned, self._searched = True, 0, 0, 0
             else:
                 # Only text that arrived with this delta (plus a marker's length before it) can hold a new marker.
                 end = self._buffer.find(TOOL_CALLS_SECTION_END, max(0, self._scanned - len(TOOL_CALLS_SECTION_END) + 1))
                 section = self._buffer if end < 0 else self._buffer[:end]
                 # Every call ends with <|tool_call_end|>, and matches ending at an older one were found when it
                 # arrived (a later delta cannot change a leftmost match that is already complete), so the regex
-                # only needs to run when a new end marker came in.
+                # only needs to run when a new end marker came in. A start before the last end marker that did not
+                # match never will (the text up to that marker is complete), so each run resumes where the last
+                # one stopped (`_searched`): a stream of malformed calls costs linear time, not quadratic.
                 fresh = max(self._cursor, self._scanned - len(TOOL_CALL_END) + 1)
-                matches = TOOL_CALL_RE.finditer(section, self._cursor) if TOOL_CALL_END in section[fresh:] else ()
+                last_end = _match_end(section, fresh)
+                matches = TOOL_CALL_RE.finditer(section, max(self._cursor, self._searched), last_end) if last_end else ()
+                self._searched = max(self._searched, last_end)
                 for m in matches:
                     self._emit_error(self._collector.gap(section[self._cursor : m.start()]), events)
                     result = self._collector.match(m)
@@ -483,10 +593,9 @@ class StreamingToolCallParser:
             self._buffer = ""
         return events
 
-    @staticmethod
-    def _emit_content(text: str, events: list[StreamEvent]) -> None:
+    def _emit_content(self, text: str, events: list[StreamEvent]) -> None:
         if text:
-            events.append(StreamEvent(content=text))
+            events.append(StreamEvent(content=self._collector.restore(text)))
 
     @staticmethod
     def _emit_error(err: ToolCallError | None, events: list[StreamEvent]) -> None:

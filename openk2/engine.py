@@ -784,7 +784,7 @@ def main_sample(argv: list[str] | None = None) -> int:
 
 def main_chat(argv: list[str] | None = None) -> int:
     """`openk2 chat CKPT`: an interactive terminal chat in the K2 chat template (/reset, /exit)."""
-    from openk2.chat import encode_chat, parse_assistant_output
+    from openk2.chat import encode_chat, parse_generated
 
     parser = argparse.ArgumentParser(prog="openk2 chat", description=main_chat.__doc__)
     _add_loading_args(parser)
@@ -825,7 +825,7 @@ def main_chat(argv: list[str] | None = None) -> int:
             print(f"\n(error: {error}; /reset to start over)")
             messages.pop()
             continue
-        parsed = parse_assistant_output(completion.text)
+        parsed = parse_generated(engine.tokenizer, completion.token_ids, completion.text)  # marker tokens only
         reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         if parsed.tool_calls:
             reply["tool_calls"] = [_tool_call_dict(call) for call in parsed.tool_calls]

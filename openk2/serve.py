@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openk2.engine import Completion, Engine, GenerationError, SamplingParams, StreamDelta
+from openk2.engine import Completion, Engine, GenerationError, SamplingParams
 
 TOOL_SECTION_BEGIN = "<|tool_calls_section_begin|>"
 TOOL_CALL_BEGIN = "<|tool_call_begin|>"
@@ -268,13 +268,9 @@ class ChatService:
             return ""
         prefix = TOOL_SECTION_BEGIN + TOOL_CALL_BEGIN
         if name is not None:
-            prefix += f"functions.{name}:{self._next_call_index(messages)}{TOOL_ARGUMENT_BEGIN}"
+            # the IDX the chat template would give this call (dialog-global, past any larger IDX already used)
+            prefix += f"functions.{name}:{self.chat.next_tool_call_index(messages)}{TOOL_ARGUMENT_BEGIN}"
         return prefix
-
-    @staticmethod
-    def _next_call_index(messages: list[dict[str, Any]]) -> int:
-        """IDX of the next tool call: openk2.chat numbers calls with a dialog-global counter (the paper's rule)."""
-        return sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
 
     # engine → response -------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams):
@@ -290,12 +286,11 @@ class ChatService:
             raise
         return handles
 
-    def parse(self, text: str, tools: list[ToolSpec] | None):
-        return self.chat.parse_assistant_output(text, tools=[t.model_dump() for t in tools] if tools else None)
-
     def message_and_finish(self, forced: str, completion: Completion,
                            tools: list[ToolSpec] | None) -> tuple[dict[str, Any], str]:
-        parsed = self.parse(forced + completion.text, tools)
+        # Only marker *tokens* are markers: ordinary tokens that spell `<|tool_call_begin|>` etc. stay text.
+        parsed = self.chat.parse_generated(self.engine.tokenizer, completion.token_ids, completion.text,
+                                           _tool_dicts(tools), prefix=forced)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
         finish = completion.finish_reason
         calls = [_openai_tool_call(call) for call in parsed.tool_calls]
@@ -318,6 +313,10 @@ class ChatService:
             raw = token_bytes([token]) if token_bytes is not None else text.encode("utf-8")
             content.append({"token": text, "logprob": logprob, "bytes": list(raw), "top_logprobs": []})
         return {"content": content}
+
+
+def _tool_dicts(tools: list[ToolSpec] | None) -> list[dict[str, Any]] | None:
+    return [t.model_dump() for t in tools] if tools else None
 
 
 def _openai_tool_call(call: Any) -> dict[str, Any]:
@@ -435,8 +434,10 @@ async def _stream_chunks(service: ChatService, req: ChatCompletionRequest, handl
     completion_tokens = [0] * len(handles)
 
     async def pump(index: int, handle) -> None:
-        parser = service.chat.StreamingToolCallParser(
-            tools=[t.model_dump() for t in req.tools] if req.tools else None)
+        # As in message_and_finish, only marker tokens are markers: `offsets` finds them in the engine's text.
+        parser = service.chat.StreamingToolCallParser(tools=_tool_dicts(req.tools), special_tokens_only=True)
+        offsets = service.chat.SpecialTokenOffsets(service.engine.tokenizer)
+        streamed = 0  # characters of generated text fed to the parser
         calls_seen = 0
         await queue.put(chunk(index, {"role": "assistant", "content": ""}))
 
@@ -453,10 +454,12 @@ async def _stream_chunks(service: ChatService, req: ChatCompletionRequest, handl
                     await queue.put(chunk(index, {"tool_call_errors": [_error_dict(value)]}))
 
         try:
-            pending = [StreamDelta(forced, [], None)] if forced else []
-            async for delta in _prepend(pending, handle):
+            await emit(_feed(parser, forced, [i for i, ch in enumerate(forced) if ch == "<"]))  # all special
+            async for delta in handle:
                 completion_tokens[index] += len(delta.token_ids)
-                await emit(_feed(parser, delta.text))
+                offsets.push(delta.token_ids)
+                await emit(_feed(parser, delta.text, offsets.between(streamed, streamed + len(delta.text))))
+                streamed += len(delta.text)
                 if delta.finish_reason is not None:
                     await emit(_normalize_events(parser.finish()))
                     finish = delta.finish_reason
@@ -492,18 +495,11 @@ async def _stream_chunks(service: ChatService, req: ChatCompletionRequest, handl
             task.cancel()
 
 
-async def _prepend(first: list[StreamDelta], handle):
-    for delta in first:
-        yield delta
-    async for delta in handle:
-        yield delta
-
-
-def _feed(parser, text: str) -> list[tuple[str, Any]]:
+def _feed(parser, text: str, special_starts: list[int]) -> list[tuple[str, Any]]:
     """Normalize the streaming parser's output to [("content", str) | ("tool_call", call)]."""
     if not text:
         return []
-    return _normalize_events(parser.feed(text))
+    return _normalize_events(parser.feed(text, special_starts))
 
 
 def _normalize_events(events) -> list[tuple[str, Any]]:

@@ -143,7 +143,7 @@ class SFTBatches:
 def evaluate_tool_calls(model, tokenizer, tasks: list[toolworld.ToolTask], *, max_tokens: int = 64,
                         batch_size: int = 16) -> dict[str, Any]:
     """Greedy first assistant turn for each held-out question; share of well-formed and correct tool calls."""
-    from openk2.chat import encode_chat, parse_assistant_output
+    from openk2.chat import encode_chat, parse_generated
     from openk2.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
@@ -153,7 +153,7 @@ def evaluate_tool_calls(model, tokenizer, tasks: list[toolworld.ToolTask], *, ma
     completions = engine.generate([list(p) for p in prompts], params)
     well, right_tool, correct, examples = 0, 0, 0, []
     for task, comp in zip(tasks, completions):
-        parsed = parse_assistant_output(comp.text, tools=toolworld.TOOLS)
+        parsed = parse_generated(tokenizer, comp.token_ids, comp.text, toolworld.TOOLS)  # only real markers count
         calls = [_call_dict(c) for c in parsed.tool_calls]
         score = toolworld.score_tool_call(task, calls, parsed.errors)
         well += score.well_formed

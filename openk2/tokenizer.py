@@ -79,6 +79,7 @@ K2_PAT_STR = "|".join(
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 TIKTOKEN_MODEL = "tiktoken.model"
+BACKEND_FILES = {"hf": TOKENIZER_JSON, "tiktoken": TIKTOKEN_MODEL}  # tokenizer_config.json's openk2_backend -> file
 
 
 def special_token_table(base_vocab_size: int) -> list[str]:
@@ -147,10 +148,15 @@ class _HFBackend:
             self.id_bytes[idx] = token_text_to_bytes(text)
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        if len(text) <= MAX_SAME_CLASS_RUN:  # the common case: nothing to split
+            return self.tok.encode(text, add_special_tokens=False).ids
+        # The released tokenizer's cuts, as in _TiktokenBackend (so an export to tiktoken encodes identically).
+        return [i for piece in _split_like_released_k2(text) for i in self.tok.encode(piece, add_special_tokens=False).ids]
 
     def encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        if all(len(t) <= MAX_SAME_CLASS_RUN for t in texts):
+            return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [self.encode_ordinary(t) for t in texts]
 
     def __getstate__(self):
         return {"tokenizer_json": self.tokenizer_json}
@@ -198,7 +204,8 @@ class _TiktokenBackend:
 
 # The released tokenization_kimi.py encodes text in chunks of <= 400k characters and cuts runs of more than 25k
 # consecutive whitespace or non-whitespace characters (tiktoken's BPE is quadratic in the piece length). Same cuts
-# here, found with a regex instead of a Python loop over every character.
+# here, in both backends, found with a regex instead of a Python loop over every character. (A `transformers`
+# tokenizer loaded from our tokenizer.json does not cut: it can differ from both on such runs.)
 MAX_ENCODE_CHARS = 400_000
 MAX_SAME_CLASS_RUN = 25_000
 _LONG_RUN_RE = re.compile(r"\s{%d,}|\S{%d,}" % (MAX_SAME_CLASS_RUN + 1, MAX_SAME_CLASS_RUN + 1))
@@ -408,7 +415,8 @@ class K2Tokenizer:
         return config
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json (or tiktoken.model) + tokenizer_config.json into `directory`."""
+        """Write tokenizer.json (or tiktoken.model) + tokenizer_config.json into `directory`, and remove the other
+        backend's vocabulary file if an earlier save left one there (it would describe a different tokenizer)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if isinstance(self._backend, _HFBackend):
@@ -418,15 +426,24 @@ class K2Tokenizer:
             write_tiktoken_model(tmp, self._backend.id_bytes)
             os.replace(tmp, directory / TIKTOKEN_MODEL)
         _atomic_write_text(directory / TOKENIZER_CONFIG_JSON, json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False))
+        _remove_other_backend_file(directory, self.backend)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "K2Tokenizer":
-        """Load a directory written by `save`, or a released K2 tokenizer dir (tiktoken.model), auto-detected."""
+        """Load a directory written by `save` / `to_tiktoken` (the backend its config's ``openk2_backend`` names), or
+        a released K2 tokenizer dir (no such key: tiktoken.model if present, else tokenizer.json)."""
         directory = Path(directory)
         config_path = directory / TOKENIZER_CONFIG_JSON
         config = _read_json(config_path) if config_path.exists() else {}
-        if (directory / TIKTOKEN_MODEL).exists():
+        named = config.get("openk2_backend")
+        if named is not None:
+            if named not in BACKEND_FILES:
+                raise ValueError(f"{config_path}: openk2_backend {named!r} is not one of {sorted(BACKEND_FILES)}")
+            if not (directory / BACKEND_FILES[named]).exists():
+                raise FileNotFoundError(f"{directory}: {config_path.name} names the {named!r} backend but "
+                                        f"{BACKEND_FILES[named]} is missing")
+        if named == "tiktoken" or (named is None and (directory / TIKTOKEN_MODEL).exists()):
             ranks = read_tiktoken_model(directory / TIKTOKEN_MODEL)
             backend: _HFBackend | _TiktokenBackend = _TiktokenBackend(ranks, config.get("pat_str", K2_PAT_STR))
         elif (directory / TOKENIZER_JSON).exists():
@@ -470,6 +487,13 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+
+
+def _remove_other_backend_file(directory: Path, backend: str) -> None:
+    """After a save of `backend` (config written last, naming it): delete the other backend's stale file."""
+    for kind, name in BACKEND_FILES.items():
+        if kind != backend:
+            (directory / name).unlink(missing_ok=True)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -558,6 +582,7 @@ def to_tiktoken(tokenizer: K2Tokenizer, directory: str | os.PathLike) -> Path:
     config["openk2_backend"] = "tiktoken"
     config["pat_str"] = K2_PAT_STR
     _atomic_write_text(directory / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False))
+    _remove_other_backend_file(directory, "tiktoken")
     return directory
 
 

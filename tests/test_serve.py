@@ -8,6 +8,7 @@ model itself emits the tool call, and after the tool result, the final answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,18 +19,19 @@ import sys
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
 from openai import OpenAI
 
-from openk2.chat import encode_chat, render_chat
+from openk2.chat import encode_chat, next_tool_call_index, render_chat
 from openk2.checkpoint import save_pretrained
 from openk2.config import K2Config
-from openk2.engine import load_engine
+from openk2.engine import Completion, StreamDelta, load_engine
 from openk2.model import K2ForCausalLM
-from openk2.serve import ServerThread, create_app
+from openk2.serve import ChatCompletionRequest, ChatService, ServerThread, _stream_chunks, create_app
 from openk2.tokenizer import train_tokenizer
 
 TOOLS = [{"type": "function", "function": {
@@ -40,6 +42,8 @@ CALL_ID, CALL_ARGS = "functions.get_weather:0", '{"city":"Paris"}'
 TOOL_RESULT = '{"temp_c":21,"sky":"sunny"}'
 ANSWER = "It is sunny and 21 C in Paris."
 GREETING, GREETING_REPLY = "Say hello.", "Hello! How can I help you today?"
+SB, SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+CB, CA, CE = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
 
 TOOL_CHAT = [
     {"role": "user", "content": QUESTION},
@@ -197,6 +201,95 @@ def test_tool_choice_forced_and_none(client):
     none = client.chat.completions.create(model="tool-chat-tiny", messages=messages, tools=TOOLS, temperature=0,
                                           max_tokens=8, tool_choice="none")
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+
+
+@pytest.fixture(scope="module")
+def offline_service() -> ChatService:
+    """A ChatService over a stand-in engine (a real tokenizer, no model): request and response handling only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = train_tokenizer([render_chat(TOOL_CHAT, TOOLS)], vocab_size=1024)
+    return ChatService(SimpleNamespace(tokenizer=tokenizer, max_seq_len=4096), "m")
+
+
+def test_forced_call_index_is_the_chat_templates_next_index(offline_service):
+    """The forced `functions.NAME:IDX` uses openk2.chat's numbering, so it never repeats an id of the dialog (a plain
+    count of earlier calls gave `:1` again after the model's own `functions.get_weather:1`). No server needed."""
+    service, tokenizer = offline_service, offline_service.engine.tokenizer
+
+    def call(call_id: str) -> dict:
+        return {"role": "assistant", "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": CALL_ARGS}}]}
+
+    def result(call_id: str) -> dict:
+        return {"role": "tool", "tool_call_id": call_id, "content": TOOL_RESULT}
+
+    question = {"role": "user", "content": QUESTION}
+    dialogs = [
+        ([question], 0),
+        ([question, call("functions.get_weather:1"), result("functions.get_weather:1")], 2),
+        ([question, call("functions.get_weather:5"), result("functions.get_weather:5"), call("call_zz"),
+          result("call_zz")], 7),  # call_zz renders as :6
+    ]
+    for messages, index in dialogs:
+        assert next_tool_call_index(messages) == index
+        for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):  # one tool: named
+            req = ChatCompletionRequest.model_validate({"messages": messages, "tools": TOOLS, "tool_choice": choice})
+            prompt_ids, forced, _ = service.prepare(req)
+            assert forced == ("<|tool_calls_section_begin|><|tool_call_begin|>"
+                              f"functions.get_weather:{index}<|tool_call_argument_begin|>")
+            forced_ids = tokenizer.encode(forced, allow_special=True)
+            assert prompt_ids[-len(forced_ids):] == forced_ids
+            assert tokenizer.decode(prompt_ids).count(f"functions.get_weather:{index}") == 1
+
+
+class _ReplayHandle:
+    """A request handle that streams fixed engine deltas (for `_stream_chunks` without an engine)."""
+
+    def __init__(self, deltas: list[StreamDelta]):
+        self.deltas = deltas
+
+    async def __aiter__(self):
+        for delta in self.deltas:
+            yield delta
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_marker_text_from_ordinary_tokens_is_not_a_tool_call(offline_service):
+    """Output made of ordinary tokens that spell the markers (e.g. the model echoing a web page) is content, in the
+    whole response and in the stream; a call made of real marker tokens, with marker text in its arguments, is a
+    call. The engine decodes both to the same characters: the token ids decide."""
+    service, tokenizer = offline_service, offline_service.engine.tokenizer
+    special = {m: [tokenizer.token_to_id(m)] for m in (SB, CB, CA, CE, SE, "<|im_end|>")}
+    echoed = f"Sure.{SB}{CB}functions.get_weather:0{CA}{{\"city\": \"Paris\"}}{CE}{SE}"
+    args = f'{{"city": "{CE}"}}'
+    real = (special[SB] + special[CB] + tokenizer.encode("functions.get_weather:0") + special[CA]
+            + tokenizer.encode(args) + special[CE] + special[SE])
+    cases = [(tokenizer.encode(echoed), echoed, []), (tokenizer.encode(echoed) + real, echoed, [args])]
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": QUESTION}], "tools": TOOLS,
+                                                "stream": True})
+    for ids, content, calls in cases:
+        finish = "tool_calls" if calls else "stop"
+        completion = Completion(token_ids=ids + special["<|im_end|>"], text=tokenizer.decode(ids), logprobs=None,
+                                finish_reason="stop", prompt_tokens=1)
+        message, reason = service.message_and_finish("", completion, req.tools)
+        assert message["content"] == content and reason == finish
+        assert [c["function"]["arguments"] for c in message.get("tool_calls", [])] == calls
+
+        # streamed: one delta per token, the final one carrying the stop token (its text is not in the text)
+        deltas = [StreamDelta(tokenizer.decode([i]), [i], None) for i in ids]
+        deltas.append(StreamDelta("", special["<|im_end|>"], None, finish_reason="stop"))
+
+        async def collect() -> list[dict]:
+            chunks = _stream_chunks(service, req, [_ReplayHandle(deltas)], "", "id", 1, False)
+            return [json.loads(raw[len(b"data: "):]) async for raw in chunks if raw != b"data: [DONE]\n\n"]
+
+        choices = [c["choices"][0] for c in asyncio.run(collect())]
+        assert "".join(c["delta"].get("content") or "" for c in choices) == content
+        assert [t["function"]["arguments"] for c in choices for t in c["delta"].get("tool_calls", [])] == calls
+        assert [c["finish_reason"] for c in choices if c["finish_reason"]] == [finish]
 
 
 def test_n_seed_and_logprobs(client):

@@ -221,6 +221,36 @@ def test_tiktoken_directory(tmp_path):
     assert pickle.loads(pickle.dumps(tk)).encode(MIXED) == tk.encode(MIXED)
 
 
+def test_save_over_the_other_backend_loads_what_was_saved(tok, tmp_path):
+    """Saving into a directory that holds the other backend's file (e.g. an earlier export into a checkpoint dir):
+    `load` must return the tokenizer just saved, not the stale file, which is removed."""
+    def tiny_dir(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        _write_tiny_tiktoken_dir(tmp_path / name)
+        return tmp_path / name
+
+    tiny = K2Tokenizer.load(tiny_dir("tiny"))
+    hf_dir, export_dir, tiktoken_dir = tiny_dir("hf"), tiny_dir("export"), tiny_dir("tiktoken")
+    tok.save(hf_dir)  # hf over a tiktoken dir
+    loaded = K2Tokenizer.load(hf_dir)
+    assert loaded.backend == "hf" and loaded.encode(MIXED) == tok.encode(MIXED)
+    tok.save(export_dir)  # ... and back: an export of `tok`, or another tiktoken tokenizer, over that hf dir
+    to_tiktoken(tok, export_dir)
+    assert K2Tokenizer.load(export_dir).encode(MIXED) == tok.encode(MIXED)
+    tok.save(tiktoken_dir)
+    tiny.save(tiktoken_dir)
+    assert K2Tokenizer.load(tiktoken_dir).encode(MIXED) == tiny.encode(MIXED) != tok.encode(MIXED)
+    assert K2Tokenizer.load(tiktoken_dir).base_vocab_size == tiny.base_vocab_size
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    for directory in (export_dir, tiktoken_dir):
+        assert sorted(p.name for p in directory.iterdir()) == ["tiktoken.model", "tokenizer_config.json"]
+    # The config names the backend: its file missing is an error, not a silent fallback to another file.
+    (hf_dir / "tokenizer.json").rename(tiktoken_dir / "tokenizer.json")
+    (tiktoken_dir / "tiktoken.model").unlink()
+    with pytest.raises(FileNotFoundError, match="names the 'tiktoken' backend but tiktoken.model is missing"):
+        K2Tokenizer.load(tiktoken_dir)
+
+
 @pytest.fixture(scope="module")
 def exported(tok, tmp_path_factory) -> K2Tokenizer:
     return K2Tokenizer.load(to_tiktoken(tok, tmp_path_factory.mktemp("tiktoken")))
@@ -231,6 +261,17 @@ def test_trained_tokenizer_exported_to_tiktoken_encodes_identically(tok, exporte
     assert exported.special_ids == tok.special_ids
     sample = PLAYS[-1].read_text(encoding="utf-8")[:100_000] + MIXED
     assert exported.encode(sample) == tok.encode(sample)
+
+
+def test_both_backends_cut_long_runs_like_the_released_tokenizer(tok, exported):
+    """Runs of > 25k same-class characters are cut every 25k characters by both backends, so a trained tokenizer
+    and its tiktoken export give the same ids (they differed by one id on "the" * 10000)."""
+    texts = ["the" * 10_000, "x " + " " * 30_000 + "y", "Hello " + "th" * 30_000 + " the end\n", MIXED]
+    for text in texts:
+        assert tok.encode(text) == exported.encode(text)
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_batch(texts) == exported.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert len(tok.encode("the" * 10_000)) == 10_001  # the cut at 25,000 characters splits one "the"
 
 
 @settings(max_examples=150, deadline=None)
