@@ -347,7 +347,18 @@ def _plan_shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entr
     return shards
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to disk (a rename that publishes it must never point at data still in the page cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (creations, renames) to disk. Best effort: some filesystems and platforms
+    cannot open or fsync a directory."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -360,6 +371,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory bottom-up. Files already synced cost next to nothing,
+    so this also covers files that writers outside this module (tokenizer, torch.save, DCP) left unsynced."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                fsync_file(os.path.join(dirpath, name))
+        fsync_dir(dirpath)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -368,18 +389,48 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_publish(tmp_dir: Path, path: Path) -> None:
-    """Make tmp_dir visible as path in one rename. An existing checkpoint at path is first renamed aside, so a
-    crash between the two renames leaves no checkpoint at path (never a partial one) and the old one aside."""
-    _fsync_dir(tmp_dir)
+def publish_aside_path(path: str | os.PathLike) -> Path:
+    """Where `publish_dir` keeps the directory it replaces at `path` until the new one is in place: a fixed
+    name, so that a crash between its two renames is recoverable (`restore_interrupted_publish`)."""
+    path = Path(path)
+    return path.with_name(f".old-{path.name}")
+
+
+def restore_interrupted_publish(path: str | os.PathLike) -> bool:
+    """Undo a `publish_dir` cut between its renames: `path` is missing and the directory it replaced is aside
+    (`.old-<name>`); rename that back. The new one, left in its temp dir, is dropped like any interrupted save.
+    Returns True if this call restored it; safe to call from every rank of a job at once (one rename wins)."""
+    path = Path(path)
+    old = publish_aside_path(path)
+    if path.exists() or not old.is_dir():
+        return False
+    try:
+        old.rename(path)
+    except OSError:  # another rank restored it first
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make the complete directory `tmp` visible as `path` (a sibling) by renaming it, durably.
+
+    Every file under `tmp` is fsynced first. A directory already at `path` is renamed aside (`.old-<name>`)
+    first and deleted last, so a crash at any moment leaves `path` complete (old or new), or missing with the
+    old one aside for `restore_interrupted_publish` (which this calls first, so an earlier such crash loses
+    nothing either). The parent directory is fsynced after the renames, before the old one is deleted.
+    """
+    tmp, path = Path(tmp), Path(path)
+    _fsync_tree(tmp)
+    old = publish_aside_path(path)
+    restore_interrupted_publish(path)
+    if old.exists():
+        shutil.rmtree(old)  # left by a crash after the new directory was in place
     if path.exists():
-        aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, aside)
-        os.rename(tmp_dir, path)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(tmp_dir, path)
-    _fsync_dir(path.parent)
+        path.rename(old)
+    tmp.rename(path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -400,9 +451,25 @@ def _remove_stale_temp_dirs(path: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _check_replaceable(path: Path) -> None:
+    """Saving replaces the directory at `path` wholesale: refuse unless it is missing, empty or a checkpoint,
+    rather than delete files that are not ours."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory; refusing to replace it with a checkpoint")
+    if (path / CONFIG_NAME).is_file() or not any(path.iterdir()):
+        return
+    shown = sorted(p.name for p in path.iterdir())
+    listing = ", ".join(shown[:5]) + (f", ... ({len(shown)} entries)" if len(shown) > 5 else "")
+    raise CheckpointError(f"{path}: exists, is not empty ({listing}) and is not a checkpoint directory (no "
+                          f"{CONFIG_NAME}); saving would delete it. Choose another path or remove it first")
+
+
 def _write_checkpoint(path: str | os.PathLike, config: dict[str, Any], entries: list[_Entry],
                       max_shard_size: int | str, before_publish: Callable[[Path], None] | None = None) -> Path:
     path = Path(path)
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(path)
     shards = _plan_shards(entries, parse_size(max_shard_size))
@@ -420,6 +487,7 @@ def _write_checkpoint(path: str | os.PathLike, config: dict[str, Any], entries: 
                 weight_map[name] = file_name
                 total_size += tensor.numel() * tensor.element_size()
             save_file(tensors, str(tmp_dir / file_name), metadata={"format": "pt"})
+            fsync_file(tmp_dir / file_name)  # now, while it is fresh: bounds the unsynced data to one shard
             del tensors  # one shard's worth at a time
         if len(shards) > 1:
             _write_json(tmp_dir / INDEX_NAME, {"metadata": {"total_size": total_size},
@@ -427,7 +495,7 @@ def _write_checkpoint(path: str | os.PathLike, config: dict[str, Any], entries: 
         _write_json(tmp_dir / CONFIG_NAME, config)
         if before_publish is not None:
             before_publish(tmp_dir)
-        _atomic_publish(tmp_dir, path)
+        publish_dir(tmp_dir, path)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -583,6 +651,7 @@ def write_latest_pointer(checkpoints_dir: str | os.PathLike, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, checkpoints_dir / LATEST_POINTER)
+    fsync_dir(checkpoints_dir)  # the replace itself must be durable before anything relies on it (pruning)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -317,6 +317,10 @@ def _read_jsonl(path: Path, text_field: str, keep_invalid_utf8: bool, bad: BadRe
             except json.JSONDecodeError as e:
                 bad.add(BadRecord(str(path), line_no, "bad JSON", f"{e.msg} at column {e.colno}"))
                 continue
+            except (ValueError, RecursionError) as e:
+                # JSON that Python refuses to build: an int over 4300 digits, nesting deeper than the stack
+                bad.add(BadRecord(str(path), line_no, "bad JSON", _first_line(e)))
+                continue
             text = _text_of(record, text_field, path, line_no, "line", bad)
             if text is not None:
                 text = _check_surrogates(text, path, line_no, keep_invalid_utf8, bad)
@@ -339,13 +343,19 @@ def _rows_to_documents(path: Path, column: list, first_row: int, text_field: str
             yield Document(text, f"{path} row {row}", int(bytes_per_row))
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's first message line for a bad-record entry (its type when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _read_parquet(path: Path, text_field: str, keep_invalid_utf8: bool, bad: BadRecordLog) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a non-parquet file
-        bad.add(BadRecord(str(path), None, "unreadable parquet", str(e).splitlines()[0]))
+        bad.add(BadRecord(str(path), None, "unreadable parquet", _first_line(e)))
         return
     names = pf.schema_arrow.names
     if text_field not in names:
@@ -363,7 +373,7 @@ def _read_parquet(path: Path, text_field: str, keep_invalid_utf8: bool, bad: Bad
         try:
             batch = next(batches, None)
         except Exception as e:  # a corrupt page: report where, keep the rows read so far, go to the next file
-            bad.add(BadRecord(str(path), row, "unreadable parquet", str(e).splitlines()[0], unit="row"))
+            bad.add(BadRecord(str(path), row, "unreadable parquet", _first_line(e), unit="row"))
             return
         if batch is None:
             return
@@ -374,7 +384,11 @@ def _read_parquet(path: Path, text_field: str, keep_invalid_utf8: bool, bad: Bad
 
 def _read_hf_dataset(path: Path, text_field: str, keep_invalid_utf8: bool, bad: BadRecordLog) -> Iterator[Document]:
     datasets = _import_datasets(path)
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # corrupt arrow files / state.json (ArrowInvalid, ValueError, ...): report, go on
+        bad.add(BadRecord(str(path), None, "unreadable dataset", f"{type(e).__name__}: {_first_line(e)}"))
+        return
     # A DatasetDict contributes every split, in sorted order; the origin names the split.
     parts = sorted(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     total_bytes = sum(f.stat().st_size for f in path.rglob("*.arrow")) or 1
@@ -704,8 +718,16 @@ def write_token_dataset(out_dir: str | os.PathLike, splits: dict[str, np.ndarray
         writer = ShardWriter(out, split, shard_size_tokens)
         writer.write(tokens)
         meta_splits[split] = {"tokens": writer.total_tokens, "documents": None, "shards": writer.close()}
-    fingerprint = fingerprint or hashlib.sha256(
-        b"".join(np.asarray(splits[s], dtype=TOKEN_DTYPE).tobytes() for s in sorted(splits))).hexdigest()
+    if not fingerprint:
+        # Everything a loader's position depends on: split names and lengths (the same tokens split elsewhere
+        # are other windows), vocabulary and EOS, then the tokens. It is stored in meta.json, so preparations
+        # written before this hash existed keep the fingerprint they were written with.
+        h = hashlib.sha256(json.dumps({"splits": {s: int(np.asarray(splits[s]).size) for s in sorted(splits)},
+                                       "vocab_size": int(vocab_size),
+                                       "eos_id": None if eos_id is None else int(eos_id)}, sort_keys=True).encode())
+        for s in sorted(splits):
+            h.update(np.asarray(splits[s], dtype=TOKEN_DTYPE).tobytes())
+        fingerprint = h.hexdigest()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": "uint32", "fingerprint": fingerprint,
             "tokenizer": {"vocab_size": int(vocab_size), "eos_id": eos_id}, "splits": meta_splits,
             **(extra_meta or {})}

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from openk2.checkpoint import publish_dir, restore_interrupted_publish
 from openk2.model import use_grouped_mm
 
 __all__ = [
@@ -53,8 +54,6 @@ __all__ = [
     "save_distributed",
     "load_distributed",
     "is_distributed_checkpoint",
-    "restore_interrupted_save",
-    "publish_checkpoint_dir",
     "consolidate",
     "main_consolidate",
 ]
@@ -637,41 +636,6 @@ def is_distributed_checkpoint(path) -> bool:
     return (Path(path) / _META_FILE).is_file() and (Path(path) / _DCP_SUBDIR).is_dir()
 
 
-def _aside(path: Path) -> Path:
-    return path.with_name(f".old-{path.name}")
-
-
-def restore_interrupted_save(path) -> bool:
-    """A save that replaces the checkpoint at `path` renames it to `.old-<name>`, then the new one to `path`: a crash
-    between the two renames leaves no `path` and the previous checkpoint aside. Rename it back (the new one in
-    `.tmp-<name>` is dropped like any interrupted save). Returns True if this call restored it; safe to call from
-    every rank at once (one rename wins)."""
-    path = Path(path)
-    old = _aside(path)
-    if path.exists() or not old.is_dir():
-        return False
-    try:
-        old.rename(path)
-    except OSError:  # another rank restored it first
-        return False
-    return True
-
-
-def publish_checkpoint_dir(tmp, path) -> None:
-    """Rename the complete checkpoint directory `tmp` to `path`. One already at `path` is renamed aside first and
-    deleted last, so a crash at any moment leaves `path` complete, or missing with the previous checkpoint aside
-    for `restore_interrupted_save` (which this calls first, so an earlier such crash loses nothing either)."""
-    tmp, path = Path(tmp), Path(path)
-    old = _aside(path)
-    restore_interrupted_save(path)
-    if old.exists():
-        shutil.rmtree(old)  # left by a crash after the new checkpoint was in place
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     if optimizer is None:
         return []
@@ -778,8 +742,8 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
     """Write a DCP checkpoint at `path`, atomically: every rank writes into the hidden sibling `.tmp-<name>`, rank 0
     renames it to `path` after a barrier. A crash mid-save leaves only that temporary directory (which the next
     save, or a trainer resume, removes); a previous checkpoint at `path` is replaced only once the new one is whole
-    (`publish_checkpoint_dir`; a crash in the middle of that leaves it in `.old-<name>`, which
-    `restore_interrupted_save`, `load_distributed`, the next save and a trainer resume rename back).
+    (`openk2.checkpoint.publish_dir`, which fsyncs every file first; a crash in the middle of that leaves it in
+    `.old-<name>`, which `load_distributed`, the next save and a trainer resume rename back).
 
     Saved: the model and optimizer state (DTensor shards, expert stacks in their global shape, so any world size
     / EP degree can resume), the model config (for `consolidate`), `extra_state` per rank (`extra_rank{r}.pt`;
@@ -818,7 +782,7 @@ def save_distributed(path, model: nn.Module, optimizer, extra_state: dict | None
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
-        publish_checkpoint_dir(tmp, path)
+        publish_dir(tmp, path)
     _barrier()
     return path
 
@@ -830,7 +794,7 @@ def load_distributed(path, model: nn.Module, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import set_state_dict, set_model_state_dict
 
     path = Path(path)
-    restore_interrupted_save(path)
+    restore_interrupted_publish(path)
     meta_file = path / _META_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"load_distributed: {meta_file} missing; {path} is not a complete openk2 DCP checkpoint")
@@ -889,10 +853,8 @@ def consolidate(dcp_dir, hf_out_dir, **save_kwargs) -> Path:
         raise FileNotFoundError(f"consolidate: {config_file} missing; was {dcp_dir} written by save_distributed?")
     model = K2ForCausalLM(K2Config.from_dict(json.loads(config_file.read_text())))
     load_distributed_weights(model, dcp_dir)
-    save_pretrained(model, hf_out_dir, **save_kwargs)
-    if (dcp_dir / TOKENIZER_CONFIG_JSON).is_file():
-        K2Tokenizer.load(dcp_dir).save(hf_out_dir)
-    return Path(hf_out_dir)
+    tokenizer = K2Tokenizer.load(dcp_dir) if (dcp_dir / TOKENIZER_CONFIG_JSON).is_file() else None
+    return save_pretrained(model, hf_out_dir, tokenizer=tokenizer, **save_kwargs)  # published with the weights
 
 
 def main_consolidate(argv: list[str] | None = None) -> int:
@@ -910,6 +872,12 @@ def main_consolidate(argv: list[str] | None = None) -> int:
         kwargs["fp8"] = True
     if args.max_shard_size:
         kwargs["max_shard_size"] = args.max_shard_size
-    out = consolidate(args.dcp_dir, args.out_dir, **kwargs)
+    from openk2.checkpoint import CheckpointError
+
+    try:
+        out = consolidate(args.dcp_dir, args.out_dir, **kwargs)
+    except (CheckpointError, FileNotFoundError) as error:
+        print(f"openk2 consolidate: {error}", file=sys.stderr)
+        return 1
     print(f"consolidated {args.dcp_dir} -> {out}")
     return 0

@@ -124,7 +124,8 @@ class TrainConfig:
 
         need(self.optimizer in ("muonclip", "adamw"), "optimizer", "expected 'muonclip' or 'adamw'")
         need(self.dtype in ("bf16", "fp32"), "dtype", "expected 'bf16' or 'fp32'")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "ckpt_every", "keep_last", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "ckpt_every", "keep_last", "log_every",
+                     "val_every", "detail_every"):  # every N steps: a large N does it (almost) never
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.adamw_lr is None or self.adamw_lr > 0, "adamw_lr", "must be > 0 or None (share lr)")
@@ -195,16 +196,44 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _recover_checkpoints(root: Path) -> None:
-    """Before a resume: delete checkpoints interrupted mid-write (`.tmp-step_N`), and put back a checkpoint that a
-    save replacing it moved aside (`.old-step_N`) when the crash came before the new one took its place. Every rank
-    of a torchrun job may run this at once."""
-    from openk2.parallel import restore_interrupted_save
+    """Before a resume: delete checkpoints interrupted mid-write (`.tmp-step_N`, and the `..tmp-step_N.tmp-PID-*`
+    that a kill inside save_pretrained leaves: its own temp dir next to `.tmp-step_N`), and put back a checkpoint
+    that a save replacing it moved aside (`.old-step_N`) when the crash came before the new one took its place.
+    Every rank of a torchrun job may run this at once."""
+    from openk2.checkpoint import restore_interrupted_publish
 
-    for stale in root.glob(".tmp-*"):
+    for stale in [*root.glob(".tmp-*"), *root.glob("..tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     for aside in root.glob(".old-*"):
-        if not restore_interrupted_save(root / aside.name.removeprefix(".old-")):
+        if not restore_interrupted_publish(root / aside.name.removeprefix(".old-")):
             shutil.rmtree(aside, ignore_errors=True)  # the new checkpoint is in place (or another rank restored)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of the `step_N` checkpoint directories under root."""
+    found = []
+    for p in root.glob("step_*"):
+        number = p.name.removeprefix("step_")
+        if number.isdigit() and p.is_dir():
+            found.append((int(number), p))
+    return found
+
+
+def _start_fresh(root: Path) -> None:
+    """A run without --resume in a run directory that holds an earlier run's checkpoints: they stay on disk (each
+    loads by its path), but `latest` stops naming one of them, as metrics.jsonl starts over: a --resume after this
+    run dies before its first checkpoint starts from scratch rather than pair an earlier run's weights with this
+    run's metrics. This run's checkpoints replace those of the same step; pruning counts only steps up to this
+    run's, so a higher-numbered earlier checkpoint never takes the place of this run's newest."""
+    earlier = sorted(_step_dirs(root))
+    if earlier:
+        names = ", ".join(p.name for _, p in earlier) if len(earlier) <= 3 else \
+            f"{earlier[0][1].name} ... {earlier[-1][1].name}"
+        _log(f"fresh run (no --resume) in {root.parent}: {len(earlier)} checkpoint(s) of an earlier run in {root} "
+             f"({names}) are no longer `latest`; this run's checkpoints replace (and prune) those up to its own "
+             "step and leave higher ones alone. To continue the earlier run, stop and pass --resume; for a clean "
+             "directory use another --out.")
+    (root / LATEST).unlink(missing_ok=True)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -372,6 +401,7 @@ class Trainer:
             model.update_router_bias(cfg.router_bias_gamma)
         else:
             self.optimizer.zero_grad(set_to_none=True)
+            self._discard_step_statistics()
             self.bad_in_a_row += 1
             self.skipped_steps += 1
             record["skipped"] = True
@@ -384,6 +414,16 @@ class Trainer:
         self.tokens += n_tokens
         record["tokens"] = self.tokens
         return record
+
+    def _discard_step_statistics(self) -> None:
+        """After a skipped step: drop what its forward gathered for the next update, the routers' token counts
+        (`load`, input of the bias update) and QK-Clip's running max logits. Neither is in a checkpoint, so keeping
+        them would make a run resumed right after a skipped step differ from an uninterrupted one; and a bad
+        step's statistics have no business steering the next step's bias update or clip."""
+        for router in self.model.routers():
+            router.load.zero_()
+        for target in getattr(self.optimizer, "attention_targets", ()):  # MuonClip with QK-Clip
+            target.running_max = None
 
     def _add_logit_stats(self, record: dict, *, detail: bool) -> None:
         stats = getattr(self.optimizer, "last_stats", None) or {}
@@ -444,7 +484,7 @@ class Trainer:
         return {
             "step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
             "data": self.batches.state_dict(), "rng": _rng_state(), "spikes": self.spikes.state_dict(),
-            "skipped_steps": self.skipped_steps, "stage": self.stage,
+            "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row, "stage": self.stage,
         }
 
     def save_checkpoint(self) -> Path:
@@ -453,7 +493,8 @@ class Trainer:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:06d}"
         final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-        from openk2.parallel import publish_checkpoint_dir, save_distributed
+        from openk2.checkpoint import fsync_dir, publish_dir
+        from openk2.parallel import save_distributed
 
         if self.distributed:
             save_distributed(final, self.model, self.optimizer, self.trainer_state_without_optimizer(),
@@ -467,9 +508,11 @@ class Trainer:
                 self.tokenizer.save(tmp)
             torch.save(self.trainer_state(), tmp / TRAINER_STATE)
             (tmp / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-            publish_checkpoint_dir(tmp, final)  # as save_distributed: an existing step_N is replaced only when whole
+            # as save_distributed: every file fsynced, an existing step_N replaced only when whole
+            publish_dir(tmp, final)
         if self.is_main:
             _atomic_write_text(ckpt_root / LATEST, name)
+            fsync_dir(ckpt_root)  # `latest` durably moved before pruning deletes what it named before
             self._prune_checkpoints(ckpt_root)
         return final
 
@@ -479,9 +522,14 @@ class Trainer:
         return state
 
     def _prune_checkpoints(self, root: Path) -> None:
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in steps[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the newest `keep_last` checkpoints by step number, up to this step. One `latest` names (the one just
+        written) is never deleted, nor one of a higher step: that is an earlier run's (see `_start_fresh`)."""
+        pointer = root / LATEST
+        latest = pointer.read_text().strip() if pointer.exists() else None
+        ours = sorted((step, p) for step, p in _step_dirs(root) if step <= self.step)
+        for _, old in ours[: -self.cfg.keep_last]:
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, ckpt: Path) -> None:
         from openk2.parallel import is_distributed_checkpoint, load_distributed
@@ -500,6 +548,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)  # non-finite steps in a row just before the checkpoint
         self.batches.load_state_dict(state["data"])
         self.spikes.load_state_dict(state["spikes"])
         _set_rng_state(state["rng"])
@@ -516,6 +565,8 @@ class Trainer:
                 self.load_checkpoint(ckpt)
                 if self.is_main:
                     _log(f"resumed from {ckpt} at step {self.step}")
+        elif self.is_main:
+            _start_fresh(self.run_dir / CHECKPOINTS)
         if self.is_main:
             _truncate_metrics(metrics_path, self.step)
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

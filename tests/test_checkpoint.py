@@ -791,3 +791,82 @@ def test_peak_memory_of_load_and_save(tmp_path):
     # of the model.
     assert figures["load_growth"] < 1.4 * weights, figures
     assert figures["save_growth"] < 0.4 * weights, figures
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Publishing: one rename mechanism, durable, never deleting what is not a checkpoint
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_save_cut_between_its_renames_is_recoverable(tmp_path):
+    """Replacing a checkpoint moves it to the fixed name `.old-<name>` before the new one takes its place: after a
+    crash between the two renames, restore_interrupted_publish (or the next save) puts it back."""
+    path = tmp_path / "ckpt"
+    model = make_model()
+    save_pretrained(model, path)
+    aside = ckpt.publish_aside_path(path)
+    assert aside == tmp_path / ".old-ckpt"
+    path.rename(aside)  # the state a crash between the renames leaves
+    assert ckpt.restore_interrupted_publish(path) and not ckpt.restore_interrupted_publish(path)
+    assert_same_weights(model, load_pretrained(path))
+    path.rename(aside)
+    save_pretrained(make_model(), path)  # the next save restores it, then replaces it whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_save_fsyncs_every_file_before_publishing(tmp_path, monkeypatch):
+    """safetensors shards, config, index, tokenizer and before_publish files reach the disk before the rename that
+    publishes them; the parent directory is synced after it."""
+    import os
+
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        return real_rename(src, dst)
+
+    class FakeTokenizer:
+        def save(self, directory):
+            (Path(directory) / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    out = save_pretrained(make_model(), tmp_path / "x", max_shard_size="100KB", tokenizer=FakeTokenizer(),
+                          before_publish=lambda d: (d / "trainer_state.pt").write_bytes(b"state"))
+    publish = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(out))
+    tmp_dir = Path(events[publish][1])
+    synced_before = {Path(e[1]) for e in events[:publish] if e[0] == "fsync"}
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) > 4 and "tokenizer.json" in files and "trainer_state.pt" in files
+    assert {tmp_dir / name for name in files} <= synced_before, files
+    assert tmp_dir in synced_before
+    assert ("fsync", str(tmp_path)) in events[publish:]
+
+
+def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
+    """Saving replaces the destination wholesale: a non-empty directory without config.json is someone's files,
+    not an older checkpoint, and is left alone with a clear error (save_pretrained and convert alike)."""
+    mine = tmp_path / "mydir"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    model = make_model()
+    with pytest.raises(CheckpointError, match=rf"{mine}: exists, is not empty \(notes.txt\) and is not a checkpoint"):
+        save_pretrained(model, mine)
+    source = save_pretrained(model, tmp_path / "src")
+    with pytest.raises(CheckpointError, match=str(mine)):
+        ckpt.convert_checkpoint(source, mine, bf16=True)
+    assert ckpt.main([str(source), str(mine)]) == 1
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        save_pretrained(model, tmp_path / "afile")
+    # an empty directory, or an earlier checkpoint, is replaced as before
+    (tmp_path / "empty").mkdir()
+    save_pretrained(model, tmp_path / "empty")
+    ckpt.convert_checkpoint(source, tmp_path / "empty", bf16=True)
+    assert json.loads((tmp_path / "empty" / ckpt.CONFIG_NAME).read_text())["torch_dtype"] == "bfloat16"

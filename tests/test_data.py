@@ -446,3 +446,65 @@ def test_progress_bar_and_summary_are_printed(corpus_dir, tokenizer, tmp_path, c
     assert "tokenizing" in printed and "docs" in printed
     assert f"prepared {info.train_documents + info.val_documents} documents" in printed
     assert "bad records: 1" in printed and f"{corpus_dir / 'd.parquet'}: missing field" in printed
+
+
+def test_json_python_refuses_to_build_is_a_bad_record(tmp_path):
+    """Valid JSON that json.loads still cannot turn into objects (an int over 4300 digits: ValueError; nesting past
+    the recursion limit: RecursionError) is reported at file:line and skipped, like malformed JSON."""
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"text": "first"}\n{"text": "x", "n": ' + "9" * 5000 + '}\n'
+                    + "[" * 100_000 + "]" * 100_000 + '\n{"text": "last"}\n')
+    bad = BadRecordLog()
+    texts = [d.text for d in data.iter_documents(data.list_sources([path]), bad=bad)]
+    assert texts == ["first", "last"]
+    assert bad.counts == {"bad JSON": 2}
+    assert [r.where for r in bad.listed] == [f"{path}:2", f"{path}:3"]
+    assert "4300" in bad.listed[0].detail and "recursion" in bad.listed[1].detail
+
+
+def test_unreadable_parquet_and_hf_dataset_are_bad_records(tmp_path, monkeypatch):
+    """An exception with an empty message still makes a bad record; a saved HF dataset whose files pyarrow cannot
+    read (ArrowInvalid, not an OSError) is reported naming its directory, and reading goes on."""
+    import datasets  # optional dependency of the package; in the [test] extra
+    import pyarrow.parquet as pq
+
+    class Silent(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Silent()
+
+    (tmp_path / "a.parquet").write_bytes(b"whatever")
+    with monkeypatch.context() as m:
+        m.setattr(pq, "ParquetFile", refuse)
+        bad = BadRecordLog()
+        assert list(data.iter_documents(data.list_sources([tmp_path / "a.parquet"]), bad=bad)) == []
+    assert bad.counts == {"unreadable parquet": 1} and bad.listed[0].detail == "Silent"
+    datasets.Dataset.from_dict({"text": ["a document"]}).save_to_disk(str(tmp_path / "ds"))
+    for arrow in (tmp_path / "ds").glob("*.arrow"):
+        arrow.write_bytes(b"not arrow data" * 8)
+    (tmp_path / "z.txt").write_text("after")
+    bad = BadRecordLog()
+    texts = [d.text for d in data.iter_documents(data.list_sources([tmp_path / "ds", tmp_path / "z.txt"]), bad=bad)]
+    assert texts == ["after"] and bad.counts == {"unreadable dataset": 1}
+    assert bad.listed[0].where == str(tmp_path / "ds") and "ArrowInvalid" in bad.listed[0].detail
+
+
+def test_token_dataset_fingerprint_covers_split_boundaries_and_vocabulary(tmp_path):
+    """The same tokens split elsewhere, or with another vocab_size / eos_id, are another dataset: a loader position
+    taken on one must not resume on the other. The same inputs give the same fingerprint."""
+    tokens = np.arange(1_200) % 50
+
+    def fingerprint(name, cut, vocab_size=50, eos_id=None):
+        out = write_token_dataset(tmp_path / name, {"train": tokens[:cut], "val": tokens[cut:]},
+                                  vocab_size=vocab_size, eos_id=eos_id)
+        return data.load_meta(out)["fingerprint"]
+
+    base = fingerprint("a", 1_000)
+    assert fingerprint("again", 1_000) == base
+    others = [fingerprint("cut", 600), fingerprint("vocab", 1_000, vocab_size=64),
+              fingerprint("eos", 1_000, eos_id=0)]
+    assert len({base, *others}) == 4
+    state = TokenLoader(tmp_path / "a", batch_size=2, seq_len=5).state_dict()
+    with pytest.raises(DataError, match="different preparation"):
+        TokenLoader(tmp_path / "cut", batch_size=2, seq_len=5).load_state_dict(state)

@@ -538,6 +538,8 @@ def test_a_save_cut_between_its_renames_loses_no_checkpoint(tmp_path):
     two leaves no `<name>`. Loading it, or saving it again, first renames the old one back."""
     import warnings
 
+    from openk2.checkpoint import restore_interrupted_publish
+
     path, aside, tmp = tmp_path / "ckpt", tmp_path / ".old-ckpt", tmp_path / ".tmp-ckpt"
 
     def crash_between_renames():
@@ -555,7 +557,7 @@ def test_a_save_cut_between_its_renames_loses_no_checkpoint(tmp_path):
         assert parallel.load_distributed(path, loaded, None) == {"step": 7}
         assert torch.equal(loaded.weight, saved.weight) and not aside.exists()
         crash_between_renames()
-        assert parallel.restore_interrupted_save(path) and not parallel.restore_interrupted_save(path)
+        assert restore_interrupted_publish(path) and not restore_interrupted_publish(path)
         crash_between_renames()
         parallel.save_distributed(path, loaded, None, {"step": 8})
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -281,3 +281,157 @@ def test_mtp_flag_builds_mtp_modules_and_metrics_log_mtp_loss(tmp_path):
     reloaded = load_pretrained(tmp_path / "run")
     assert len(reloaded.mtp) == 1
     torch.testing.assert_close(reloaded.mtp[0].eh_proj.weight, model.mtp[0].eh_proj.weight)
+
+
+def test_checkpoint_files_are_fsynced_before_latest_moves(tmp_path, monkeypatch):
+    """Every file of a single-process checkpoint (weights, config, trainer state, train config, tokenizer) is
+    fsynced before the rename publishing it; checkpoints/ is fsynced after that rename and again after `latest` is
+    replaced, before older checkpoints are pruned: a power cut never leaves `latest` naming lost data."""
+    import shutil
+
+    events = []
+    real = {name: getattr(os, name) for name in ("fsync", "rename", "replace")}
+    real_rmtree = shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real["fsync"](fd)
+
+    def moved(kind):
+        def move(src, dst, *args, **kwargs):
+            events.append((kind, Path(src), Path(dst)))
+            return real[kind](src, dst, *args, **kwargs)
+        return move
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", Path(path)))
+        return real_rmtree(path, *args, **kwargs)
+
+    class FakeTokenizer:  # writes its files without fsync, like K2Tokenizer.save
+        def save(self, directory):
+            (Path(directory) / "tokenizer.json").write_text("{}")
+            (Path(directory) / "tokenizer_config.json").write_text("{}")
+
+    cfg, _, trainer = _tiny_trainer(tmp_path, steps=2, keep_last=1)
+    trainer.tokenizer = FakeTokenizer()
+    root = Path(cfg.out) / "checkpoints"
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", moved("rename"))
+    monkeypatch.setattr(os, "replace", moved("replace"))
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    for step in (1, 2):
+        trainer.train_step()
+        start = len(events)
+        final = trainer.save_checkpoint()
+        saved = events[start:]
+        publish = next(i for i, e in enumerate(saved) if e[0] in ("rename", "replace") and e[2] == final)
+        latest = next(i for i, e in enumerate(saved) if e[0] in ("rename", "replace") and e[2] == root / "latest")
+        tmp = saved[publish][1]
+        files = sorted(p.name for p in final.iterdir())
+        assert {"model.safetensors", "config.json", "trainer_state.pt", "train_config.json", "tokenizer.json",
+                "tokenizer_config.json"} <= set(files)
+        synced = {e[1] for e in saved[:publish] if e[0] == "fsync"}
+        assert {tmp / name for name in files} <= synced, sorted(set(files) - {p.name for p in synced})
+        assert ("fsync", root) in saved[publish:latest]
+        pruned = [i for i, e in enumerate(saved) if e[0] == "rmtree" and e[1].name.startswith("step_")]
+        assert (root / "step_000001").exists() == (step == 1)  # keep_last=1: the second save prunes the first
+        after_latest = [i for i, e in enumerate(saved) if i > latest and e == ("fsync", root)]
+        assert after_latest and all(after_latest[0] < i for i in pruned), saved[latest:]
+
+
+def _poison_from(model, trainer, first_bad: int, last_bad: int | None = None):
+    """NaN logits in training forwards of steps first_bad..last_bad (1-based; None: to the end)."""
+    def hook(module, args, out):
+        step = trainer.step + 1
+        bad = module.training and step >= first_bad and (last_bad is None or step <= last_bad)
+        return out * float("nan") if bad else out
+
+    model.lm_head.register_forward_hook(hook)
+
+
+def test_resume_right_after_a_skipped_step_is_bit_identical(tmp_path):
+    """Step 3 is non-finite (skipped) and the checkpoint comes right after it. Its forward counted tokens in the
+    routers' load and QK-Clip's running max, which no checkpoint holds: the skip drops them, so the uninterrupted
+    run and the one resumed from step 3 end with the same weights and buffers."""
+    _, straight, a = _tiny_trainer(tmp_path / "a", steps=5, ckpt_every=3)
+    _poison_from(straight, a, 3, 3)
+    a.fit()
+    rows = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [3]
+    _, first, b = _tiny_trainer(tmp_path / "b", steps=3, ckpt_every=3)
+    _poison_from(first, b, 3, 3)
+    b.fit()
+    assert all(float(r.load.sum()) == 0 for r in first.routers())  # nothing carried past the skipped step
+    assert all(t.running_max is None for t in b.optimizer.attention_targets)
+    _, resumed, c = _tiny_trainer(tmp_path / "b", steps=5, ckpt_every=3, resume=True)
+    c.fit()
+    ref = resumed.state_dict()
+    assert [k for k, v in straight.state_dict().items() if not torch.equal(v, ref[k])] == []
+
+
+def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path):
+    """--max-bad-steps counts consecutive non-finite steps over a resume too: a checkpoint right after one keeps
+    the count (a checkpoint written before the count was saved resumes with 0)."""
+    cfg, model, trainer = _tiny_trainer(tmp_path, steps=3, ckpt_every=3, max_bad_steps=2)
+    _poison_from(model, trainer, 3)
+    trainer.fit()
+    _, model, resumed = _tiny_trainer(tmp_path, steps=6, ckpt_every=3, max_bad_steps=2, resume=True)
+    _poison_from(model, resumed, 3)
+    with pytest.raises(TrainingStopped, match="step 4: 2 non-finite steps in a row"):
+        resumed.fit()
+    ckpt = latest_checkpoint(Path(cfg.out))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["bad_in_a_row"] == 1
+    del state["bad_in_a_row"]
+    torch.save(state, ckpt / "trainer_state.pt")
+    _, _, old = _tiny_trainer(tmp_path)
+    old.bad_in_a_row = 7
+    old.load_checkpoint(ckpt)
+    assert old.bad_in_a_row == 0
+
+
+def test_fresh_run_in_a_dir_with_an_earlier_runs_checkpoints(tmp_path, capfd):
+    """A run without --resume into an out dir holding an earlier run's higher-numbered checkpoints: those are left
+    alone (and are no longer `latest`), and pruning never deletes this run's newest checkpoint in their place."""
+    cfg, _, earlier = _tiny_trainer(tmp_path, steps=4, ckpt_every=4, keep_last=1)
+    earlier.fit()
+    ckpts = Path(cfg.out) / "checkpoints"
+    _, model, dies = _tiny_trainer(tmp_path, steps=2, ckpt_every=1, keep_last=1, max_bad_steps=1)
+    _poison_from(model, dies, 1)
+    with pytest.raises(TrainingStopped):
+        dies.fit()
+    err = capfd.readouterr().err
+    assert "fresh run (no --resume)" in err and "step_000004" in err and "--resume" in err
+    assert latest_checkpoint(Path(cfg.out)) is None  # metrics.jsonl started over: so does `latest`
+    _, _, fresh = _tiny_trainer(tmp_path, steps=2, ckpt_every=1, keep_last=1)
+    fresh.fit()
+    assert latest_checkpoint(Path(cfg.out)).name == "step_000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002", "step_000004"]
+    # by step number, not by name: step_1000000 sorts before step_999999 as text
+    for name in ("step_999998", "step_999999", "step_1000000"):
+        (ckpts / name).mkdir()
+    (ckpts / "latest").write_text("step_1000000")
+    fresh.step = 1_000_000
+    fresh._prune_checkpoints(ckpts)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_1000000"]
+
+
+def test_every_n_steps_fields_must_be_positive():
+    for name in ("val_every", "detail_every", "ckpt_every", "log_every"):
+        with pytest.raises(ValueError, match=f"TrainConfig.{name}=0: must be > 0"):
+            TrainConfig(**{name: 0}).validated()
+
+
+def test_resume_deletes_temp_dirs_of_a_save_killed_inside_save_pretrained(tmp_path):
+    """save_pretrained writes `.tmp-step_N` through its own temp dir `..tmp-step_N.tmp-PID-HEX`; a kill in there
+    leaves that one, which --resume deletes like any interrupted save."""
+    cfg, _, trainer = _tiny_trainer(tmp_path, steps=2, ckpt_every=1)
+    trainer.fit()
+    ckpts = Path(cfg.out) / "checkpoints"
+    stale = [ckpts / "..tmp-step_000003.tmp-4194301-0123abcd", ckpts / ".tmp-step_000003"]
+    for d in stale:
+        d.mkdir()
+        (d / "model-00001-of-00002.safetensors").write_bytes(b"cut off")
+    _, _, resumed = _tiny_trainer(tmp_path, steps=2, ckpt_every=1, resume=True)
+    assert resumed.fit()["steps"] == 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001", "step_000002"]

@@ -20,8 +20,9 @@ import torch
 @dataclass(frozen=True)
 class WSDSchedule:
     """lr multiplier (relative to the peak lr) at a given optimizer step (0-based, the step about to be taken):
-    linear warmup (step+1)/warmup_steps, 1.0 for stable_steps, then a cosine or linear decay over decay_steps to
-    `floor`, and `floor` after that."""
+    linear warmup (step+1)/warmup_steps (its last step is at the peak), 1.0 for stable_steps, then a cosine or
+    linear decay over decay_steps whose first step is already below the peak and whose last step is at `floor`
+    (k-th decay step: progress k/decay_steps, k = 1..decay_steps), and `floor` after that."""
 
     warmup_steps: int
     stable_steps: int
@@ -57,7 +58,7 @@ def lr_multiplier(step: int, s: WSDSchedule) -> float:
         return 1.0
     if into_decay >= s.decay_steps:
         return s.floor
-    progress = into_decay / s.decay_steps
+    progress = (into_decay + 1) / s.decay_steps  # as warmup: the phase's last step reaches its target
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.decay == "cosine" else 1 - progress
     return s.floor + (1 - s.floor) * shape
 
