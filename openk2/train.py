@@ -493,16 +493,15 @@ class Trainer:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:06d}"
         final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-        from openk2.checkpoint import fsync_dir, publish_dir
-        from openk2.parallel import save_distributed
+        from openk2.checkpoint import fsync_dir, publish_dir, save_pretrained
 
         if self.distributed:
+            from openk2.parallel import save_distributed
+
             save_distributed(final, self.model, self.optimizer, self.trainer_state_without_optimizer(),
                              tokenizer=self.tokenizer)
         elif self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            from openk2.checkpoint import save_pretrained
-
             save_pretrained(self.model, tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
