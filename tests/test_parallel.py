@@ -7,8 +7,8 @@ Launch plan (torchrun start-up is slow, so each launch checks several things; se
   C  2 proc, EP=2   fresh 20 steps (checkpoint after 10) + resume from A's checkpoint       (EP=1 -> EP=2)
   B' 4 proc, dp=2 x ep=2: fresh 3 steps (checkpoint after 2) + 1 step resumed from A's checkpoint (1 -> 4);
                     at the same time as B and C
-  D  1 process      the same global batch as 2 micro-batches (noise reference) + resume from B's and C's checkpoints
-                    (world 2 -> 1, EP=2 -> EP=1) + consolidate C's checkpoint into an HF checkpoint
+  D  1 process      the same global batch as 2 micro-batches (noise reference) + resume from B's, C's and B''s
+                    checkpoints (world 2 -> 1, EP=2 -> EP=1, dp2 x ep2 -> 1) + consolidate C's checkpoint
   E  2 proc         rank 1 raises mid-step;   F  2 proc  rank 1 hangs mid-step (collective timeout)
   H  2 proc         tests/dist/collectives_check.py: EP module against RoutedExperts, long barrier, reductions
   G  the real loop: `torchrun --nproc_per_node 2 -m openk2 pretrain --ep 2` against `openk2 pretrain`, 12 steps
@@ -110,7 +110,7 @@ def runs(tmp_path_factory) -> dict:
                          ([*four, "--result", res["dp2ep2"], "--ckpt", ck["dp2ep2"], "--resume-from", ck["w1"]], 4))
     hf_dir = tmp / "consolidated"
     _run_ok([*common, "--micro-batches", "2", "--result", res["w1_micro"], "--resume-from", ck["ep2"],
-             "--resume-from", ck["dp2"], "--consolidate-to", str(hf_dir)], nproc=1)
+             "--resume-from", ck["dp2"], "--resume-from", ck["dp2ep2"], "--consolidate-to", str(hf_dir)], nproc=1)
     out = {name: json.loads(Path(path).read_text()) for name, path in res.items()}
     out["ckpt"], out["hf_dir"] = ck, hf_dir
     return out
@@ -151,6 +151,11 @@ def test_four_processes_dp2_x_ep2_match_one_process(runs):
     assert _rel(ref["loss"][SAVE_AT:SAVE_AT + 1], resumed["loss"]).max() < FIRST_STEP_RTOL
     meta = json.loads((Path(runs["ckpt"]["dp2ep2"]) / "openk2_dist.json").read_text())
     assert meta["world_size"] == 4 and meta["ep"] == 2
+    # ... and the other way, 4 -> 1: run D resumes the dp2 x ep2 checkpoint (written after step 2, expert stacks
+    # sharded over both mesh dims); its first step is the saving run's step 3 on exactly those weights
+    back = runs["w1_micro"]["resumed"][runs["ckpt"]["dp2ep2"]]
+    assert _rel(fresh["loss"][2:3], back["loss"][:1]).max() < FIRST_STEP_RTOL
+    assert _rel(fresh["grad_norm"][2:3], back["grad_norm"][:1]).max() < FIRST_STEP_RTOL
 
 
 @pytest.mark.slow
