@@ -44,6 +44,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from openk2.fileio import atomic_write, fsync_dir, fsync_file
+
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -347,30 +349,6 @@ def _plan_shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entr
     return shards
 
 
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a file's data to disk (a rename that publishes it must never point at data still in the page cache)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a directory's entries (creations, renames) to disk. Best effort: some filesystems and platforms
-    cannot open or fsync a directory."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file under `root`, then every directory bottom-up. Files already synced cost next to nothing,
     so this also covers files that writers outside this module (tokenizer, torch.save, DCP) left unsynced."""
@@ -643,15 +621,9 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 
 def write_latest_pointer(checkpoints_dir: str | os.PathLike, name: str) -> None:
-    """Atomically point `checkpoints_dir/latest` at the complete checkpoint subdirectory `name`."""
-    checkpoints_dir = Path(checkpoints_dir)
-    tmp = checkpoints_dir / f".{LATEST_POINTER}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, checkpoints_dir / LATEST_POINTER)
-    fsync_dir(checkpoints_dir)  # the replace itself must be durable before anything relies on it (pruning)
+    """Atomically and durably point `checkpoints_dir/latest` at the complete checkpoint subdirectory `name` (the
+    replace is on disk before anything relies on it, e.g. pruning)."""
+    atomic_write(Path(checkpoints_dir) / LATEST_POINTER, name + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from openk2.fileio import atomic_write
+
 if TYPE_CHECKING:  # torch is imported lazily so tokenization workers start fast
     import torch
 
@@ -629,16 +631,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}.bin"
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write a small file atomically: temp file in the same directory, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Appends uint32 tokens to `{split}_NNNNN.bin`, starting a new shard every `shard_size_tokens` tokens
     (documents may cross shard boundaries: the loader reads the shards as one stream)."""
@@ -699,7 +691,7 @@ def _clear_preparation(out_dir: Path) -> None:
 
 
 def _mark_complete(out_dir: Path, fingerprint: str) -> None:
-    _fsync_write(out_dir / COMPLETE_MARKER, (json.dumps({"fingerprint": fingerprint}) + "\n").encode())
+    atomic_write(out_dir / COMPLETE_MARKER, (json.dumps({"fingerprint": fingerprint}) + "\n").encode())
 
 
 def write_token_dataset(out_dir: str | os.PathLike, splits: dict[str, np.ndarray], *, vocab_size: int,
@@ -731,7 +723,7 @@ def write_token_dataset(out_dir: str | os.PathLike, splits: dict[str, np.ndarray
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": "uint32", "fingerprint": fingerprint,
             "tokenizer": {"vocab_size": int(vocab_size), "eos_id": eos_id}, "splits": meta_splits,
             **(extra_meta or {})}
-    _fsync_write(out / META_FILE, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(out / META_FILE, (json.dumps(meta, indent=1) + "\n").encode())
     _mark_complete(out, fingerprint)
     return out
 
@@ -944,7 +936,7 @@ def prepare_corpus(inputs: Iterable[str | os.PathLike], tokenizer, out_dir: str 
             "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.size_bytes()} for s in sources]}
     if hasattr(tokenizer, "save"):  # a data dir is self-describing: the exact tokenizer travels with it
         tokenizer.save(out / "tokenizer")
-    _fsync_write(out / META_FILE, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(out / META_FILE, (json.dumps(meta, indent=1) + "\n").encode())
     _mark_complete(out, fingerprint)
 
     if progress:

@@ -30,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from openk2.fileio import atomic_write
+
 # ---------------------------------------------------------------------------------------------------------------
 # Constants: special tokens and the pre-tokenization pattern
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,12 +422,12 @@ class K2Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if isinstance(self._backend, _HFBackend):
-            _atomic_write_text(directory / TOKENIZER_JSON, self._backend.tokenizer_json)
+            atomic_write(directory / TOKENIZER_JSON, self._backend.tokenizer_json)
         else:
             tmp = directory / (TIKTOKEN_MODEL + ".tmp")
             write_tiktoken_model(tmp, self._backend.id_bytes)
             os.replace(tmp, directory / TIKTOKEN_MODEL)
-        _atomic_write_text(directory / TOKENIZER_CONFIG_JSON, json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False))
+        atomic_write(directory / TOKENIZER_CONFIG_JSON, json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False))
         _remove_other_backend_file(directory, self.backend)
         return directory
 
@@ -494,12 +496,6 @@ def _remove_other_backend_file(directory: Path, backend: str) -> None:
     for kind, name in BACKEND_FILES.items():
         if kind != backend:
             (directory / name).unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,7 +577,7 @@ def to_tiktoken(tokenizer: K2Tokenizer, directory: str | os.PathLike) -> Path:
     config.pop("tokenizer_class", None)
     config["openk2_backend"] = "tiktoken"
     config["pat_str"] = K2_PAT_STR
-    _atomic_write_text(directory / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False))
+    atomic_write(directory / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False))
     _remove_other_backend_file(directory, "tiktoken")
     return directory
 

@@ -36,8 +36,10 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
+from openk2.checkpoint import LATEST_POINTER as LATEST  # the one name of the `latest` pointer file
+from openk2.fileio import atomic_write
+
 CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -234,15 +236,6 @@ def _start_fresh(root: Path) -> None:
              "step and leave higher ones alone. To continue the earlier run, stop and pass --resume; for a clean "
              "directory use another --out.")
     (root / LATEST).unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -493,7 +486,7 @@ class Trainer:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:06d}"
         final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-        from openk2.checkpoint import fsync_dir, publish_dir, save_pretrained
+        from openk2.checkpoint import publish_dir, save_pretrained, write_latest_pointer
 
         if self.distributed:
             from openk2.parallel import save_distributed
@@ -510,8 +503,7 @@ class Trainer:
             # as save_distributed: every file fsynced, an existing step_N replaced only when whole
             publish_dir(tmp, final)
         if self.is_main:
-            _atomic_write_text(ckpt_root / LATEST, name)
-            fsync_dir(ckpt_root)  # `latest` durably moved before pruning deletes what it named before
+            write_latest_pointer(ckpt_root, name)  # durable (file and directory fsynced) before pruning
             self._prune_checkpoints(ckpt_root)
         return final
 
@@ -645,7 +637,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             pass  # a row cut by a kill -9
-    _atomic_write_text(path, "".join(k + "\n" for k in keep))
+    atomic_write(path, "".join(k + "\n" for k in keep))
 
 
 def _log(msg: str) -> None:
